@@ -1,0 +1,1 @@
+//! Pretrained feature extractors on burn, loaded from safetensors with PyTorch names.

@@ -1,0 +1,21 @@
+//! Shared ground for every vigil crate: the image, map and mask types, the [`Detector`]
+//! interface every method implements, thresholds, model files and errors.
+
+pub mod detector;
+pub mod error;
+pub mod image;
+pub mod map;
+pub mod mask;
+pub mod model_file;
+pub mod progress;
+pub mod tensors;
+pub mod threshold;
+
+pub use detector::{ChannelMode, Detector, FitContext, ImageSource, InMemorySource, ScoreOutput};
+pub use error::{Result, VigilError};
+pub use image::Image;
+pub use map::Map;
+pub use mask::Mask;
+pub use model_file::ModelFile;
+pub use tensors::TensorBag;
+pub use threshold::{Threshold, ThresholdKind, ThresholdLevel};

@@ -1,0 +1,180 @@
+use crate::image::resize_plane_bilinear;
+use crate::{Result, VigilError};
+
+/// A single-channel `f32` map at a known size: anomaly maps, NFA maps, score planes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Map {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<f32>,
+}
+
+impl Map {
+    pub fn new(width: usize, height: usize, data: Vec<f32>) -> Result<Self> {
+        if data.len() != width * height {
+            return Err(VigilError::invalid(format!(
+                "map data holds {} values, expected {width}x{height}",
+                data.len()
+            )));
+        }
+        Ok(Map { width, height, data })
+    }
+
+    pub fn filled(width: usize, height: usize, value: f32) -> Self {
+        Map { width, height, data: vec![value; width * height] }
+    }
+
+    #[inline]
+    pub fn get(&self, y: usize, x: usize) -> f32 {
+        self.data[y * self.width + x]
+    }
+
+    /// NaN or infinity in a map is a defect of the method that made it: callers check before
+    /// thresholds and metrics silently misorder them.
+    pub fn check_finite(&self, what: &str) -> Result<()> {
+        match self.data.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(i) => Err(VigilError::invalid(format!(
+                "{what}: anomaly map has a non-finite value ({}) at x={}, y={}",
+                self.data[i],
+                i % self.width,
+                i / self.width
+            ))),
+        }
+    }
+
+    pub fn max(&self) -> f32 {
+        self.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    pub fn min(&self) -> f32 {
+        self.data.iter().copied().fold(f32::INFINITY, f32::min)
+    }
+
+    pub fn mean(&self) -> f32 {
+        (self.data.iter().map(|&v| v as f64).sum::<f64>() / self.data.len() as f64) as f32
+    }
+
+    pub fn resize_bilinear(&self, width: usize, height: usize) -> Map {
+        if width == self.width && height == self.height {
+            return self.clone();
+        }
+        let data = resize_plane_bilinear(&self.data, self.width, self.height, width, height);
+        Map { width, height, data }
+    }
+
+    /// Mean over a `k`×`k` window (k odd), zero padding counted as in PyTorch's `avg_pool2d`
+    /// with `count_include_pad=True`, which DRAEM's 21×21 image score uses.
+    pub fn mean_filter(&self, k: usize) -> Map {
+        let r = k / 2;
+        let (w, h) = (self.width, self.height);
+        // separable box sums: rows then columns
+        let mut rows = vec![0f64; w * h];
+        for y in 0..h {
+            let mut acc = 0f64;
+            let row = &self.data[y * w..(y + 1) * w];
+            for x in 0..(r + 1).min(w) {
+                acc += row[x] as f64;
+            }
+            for x in 0..w {
+                rows[y * w + x] = acc;
+                if x + r + 1 < w {
+                    acc += row[x + r + 1] as f64;
+                }
+                if x >= r {
+                    acc -= row[x - r] as f64;
+                }
+            }
+        }
+        let norm = (k * k) as f64;
+        let mut out = vec![0f32; w * h];
+        for x in 0..w {
+            let mut acc = 0f64;
+            for y in 0..(r + 1).min(h) {
+                acc += rows[y * w + x];
+            }
+            for y in 0..h {
+                out[y * w + x] = (acc / norm) as f32;
+                if y + r + 1 < h {
+                    acc += rows[(y + r + 1) * w + x];
+                }
+                if y >= r {
+                    acc -= rows[(y - r) * w + x];
+                }
+            }
+        }
+        Map { width: w, height: h, data: out }
+    }
+
+    /// Gaussian blur with reflect padding, truncated at 4σ (as scipy/PatchCore's smoothing).
+    pub fn gaussian_blur(&self, sigma: f32) -> Map {
+        if sigma <= 0.0 {
+            return self.clone();
+        }
+        let radius = (4.0 * sigma + 0.5) as isize;
+        let kernel: Vec<f32> =
+            (-radius..=radius).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+        let total: f32 = kernel.iter().sum();
+        let kernel: Vec<f32> = kernel.iter().map(|v| v / total).collect();
+        let (w, h) = (self.width as isize, self.height as isize);
+        let reflect = |i: isize, n: isize| -> usize {
+            // scipy "reflect": (d c b a | a b c d | d c b a)
+            let period = 2 * n;
+            let mut m = i.rem_euclid(period);
+            if m >= n {
+                m = period - 1 - m;
+            }
+            m as usize
+        };
+        let mut tmp = vec![0f32; self.data.len()];
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0f32;
+                for (j, kv) in kernel.iter().enumerate() {
+                    let xx = reflect(x + j as isize - radius, w);
+                    acc += kv * self.data[(y * w) as usize + xx];
+                }
+                tmp[(y * w + x) as usize] = acc;
+            }
+        }
+        let mut out = vec![0f32; self.data.len()];
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0f32;
+                for (j, kv) in kernel.iter().enumerate() {
+                    let yy = reflect(y + j as isize - radius, h);
+                    acc += kv * tmp[yy * w as usize + x as usize];
+                }
+                out[(y * w + x) as usize] = acc;
+            }
+        }
+        Map { width: self.width, height: self.height, data: out }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_filter_counts_padding_like_avg_pool() {
+        let m = Map::new(3, 3, vec![9.0; 9]).unwrap();
+        let f = m.mean_filter(3);
+        assert!((f.get(1, 1) - 9.0).abs() < 1e-6);
+        assert!((f.get(0, 0) - 4.0).abs() < 1e-6); // 4 of 9 window cells inside
+    }
+
+    #[test]
+    fn gaussian_blur_preserves_constant_and_mass() {
+        let m = Map::filled(7, 5, 2.0);
+        let b = m.gaussian_blur(1.5);
+        assert!(b.data.iter().all(|v| (v - 2.0).abs() < 1e-5));
+    }
+
+    #[test]
+    fn non_finite_values_are_reported_with_position() {
+        let m = Map::new(2, 2, vec![0.0, 1.0, f32::NAN, 0.0]).unwrap();
+        let e = m.check_finite("a.png").unwrap_err().to_string();
+        assert!(e.contains("x=0, y=1"), "{e}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Images, datasets, masks, tiling and stitching, ignore masks, map files.

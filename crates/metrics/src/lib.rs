@@ -1,0 +1,1 @@
+//! Exact metrics (AUROC, AP, AUPRO, F1, IoU) and thresholds.

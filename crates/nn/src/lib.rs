@@ -1,0 +1,1 @@
+//! vigil's deep-learning engine on burn.

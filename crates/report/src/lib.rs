@@ -1,0 +1,1 @@
+//! Heatmaps, overlays, HTML reports and markdown tables.

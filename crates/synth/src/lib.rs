@@ -1,0 +1,1 @@
+//! Synthetic anomalies for training: Perlin masks, texture sources, DRAEM augmentations, cutout.

@@ -1,0 +1,1 @@
+//! A contrario multi-scale detector (Patch-PCA / Gabor features, Mahalanobis, NFA).

@@ -1,0 +1,1 @@
+//! DRAEM and DRAEM-UNet++: reconstructive + discriminative networks on synthetic anomalies.

@@ -1,0 +1,1 @@
+//! PaDiM: per-position Gaussian of multi-layer features, Mahalanobis map.

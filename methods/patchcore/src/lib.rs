@@ -1,0 +1,1 @@
+//! PatchCore: memory bank of locally aware patch features with a greedy coreset.

@@ -1,0 +1,1 @@
+//! U-Flow: U-shaped normalizing flow on multi-scale features with a contrario segmentation.
