@@ -1,1 +1,436 @@
-//! Pretrained feature extractors on burn, loaded from safetensors with PyTorch names.
+//! Pretrained feature extractors on burn, loaded from checkpoints with PyTorch names.
+//!
+//! Five ImageNet backbones, each split into stages named after the PyTorch module whose output
+//! they are, so PatchCore, PaDiM or U-Flow can tap intermediate features:
+//!
+//! | [`BackboneKind`] | parses from | tappable layers (channels, stride) |
+//! |---|---|---|
+//! | `MobileNetV2` (torchvision) | `mobilenet_v2` | `features.0` .. `features.18`; usual taps `features.3` (24, 4), `features.6` (32, 8), `features.13` (96, 16) |
+//! | `EfficientNetLite0` (lukemelas/ml-illustrated names) | `efficientnet_lite0` | `_conv_stem`, `_blocks.0` .. `_blocks.15`, `_conv_head`; e.g. `_blocks.2` (24, 4), `_blocks.4` (40, 8), `_blocks.10` (112, 16) |
+//! | `ResNet18`, `ResNet50`, `WideResNet50` (torchvision) | `resnet18`, `resnet50`, `wide_resnet50_2` | `maxpool` (64, 4), `layer1` .. `layer4` (strides 4, 8, 16, 32) |
+//!
+//! Batch norm runs in eval mode and is folded into the preceding convolution at load time.
+//!
+//! # Weights
+//!
+//! [`Backbone::load`] reads `.safetensors` (PyTorch names and layouts: conv `[out, in/groups, kh, kw]`,
+//! linear `[out, in]`; integer tensors such as `num_batches_tracked` are ignored) and, through
+//! burn-store's pure-Rust reader, PyTorch `.pth`/`.pt`/`.bin`/`.ckpt` files in both the zip format and the legacy
+//! (pre-1.6, non-zip) pickle format. A missing tensor or a wrong shape is an error naming the file
+//! and the tensor. [`default_weights_path`] looks in `$VIGIL_WEIGHTS_DIR` and then in the
+//! `shared/weights` folder beside the workspace, for `<name>/<name>.safetensors` or `<name>.safetensors`.
+//!
+//! To convert a `.pth` to safetensors with Python instead (needs `torch` and `safetensors`):
+//!
+//! ```python
+//! import torch
+//! from safetensors.torch import save_file
+//! sd = torch.load("resnet18-f37072fd.pth", map_location="cpu", weights_only=True)
+//! sd = sd.get("state_dict", sd)  # some checkpoints nest the weights
+//! sd = {k: v.float().contiguous() for k, v in sd.items() if v.is_floating_point()}
+//! save_file(sd, "resnet18.safetensors")
+//! ```
+//!
+//! # Input
+//!
+//! [`Backbone::extract`] and [`Backbone::classify`] take [`Image`]s with values in [0, 1]: one or
+//! two channels (gray, gray + alpha) are replicated to RGB, a fourth (alpha) channel is dropped. Images are
+//! resized with bilinear interpolation, half-pixel centres and no antialiasing (PyTorch
+//! `F.interpolate(mode="bilinear", align_corners=False, antialias=False)`; torchvision's `Resize`
+//! antialiases when it shrinks, PIL too, so strong downscaling differs slightly from those), then
+//! normalised as the backbone was trained: ImageNet mean/std for torchvision models,
+//! `(x - 0.5) / 0.5` for EfficientNet-Lite.
+
+mod arch;
+mod layers;
+mod params;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use vigil_core::{Image, Result, TensorBag, VigilError};
+
+use crate::arch::Network;
+use crate::params::{Params, RandomParams, StateParams};
+
+/// The supported backbones. Serialised in kebab-case (`mobilenet-v2`, `efficientnet-lite0`,
+/// `resnet18`, `resnet50`, `wide-resnet50-2`); parsed from either that or the torchvision
+/// names (`mobilenet_v2`, `efficientnet_lite0`, `wide_resnet50_2`), which `Display` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BackboneKind {
+    #[serde(rename = "mobilenet-v2")]
+    MobileNetV2,
+    #[serde(rename = "efficientnet-lite0")]
+    EfficientNetLite0,
+    #[serde(rename = "resnet18")]
+    ResNet18,
+    #[serde(rename = "resnet50")]
+    ResNet50,
+    #[serde(rename = "wide-resnet50-2")]
+    WideResNet50,
+}
+
+impl BackboneKind {
+    pub const ALL: [BackboneKind; 5] = [
+        BackboneKind::MobileNetV2,
+        BackboneKind::EfficientNetLite0,
+        BackboneKind::ResNet18,
+        BackboneKind::ResNet50,
+        BackboneKind::WideResNet50,
+    ];
+
+    /// The torchvision-style name, also the weights file stem.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackboneKind::MobileNetV2 => "mobilenet_v2",
+            BackboneKind::EfficientNetLite0 => "efficientnet_lite0",
+            BackboneKind::ResNet18 => "resnet18",
+            BackboneKind::ResNet50 => "resnet50",
+            BackboneKind::WideResNet50 => "wide_resnet50_2",
+        }
+    }
+
+    /// Per-channel (mean, std) the network was trained with, for inputs in [0, 1].
+    pub fn normalization(self) -> ([f32; 3], [f32; 3]) {
+        match self {
+            BackboneKind::EfficientNetLite0 => ([0.5; 3], [0.5; 3]),
+            _ => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        }
+    }
+}
+
+impl fmt::Display for BackboneKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackboneKind {
+    type Err = VigilError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let wanted = s.trim().to_ascii_lowercase().replace('-', "_");
+        BackboneKind::ALL.into_iter().find(|kind| kind.name() == wanted).ok_or_else(|| {
+            let known: Vec<&str> = BackboneKind::ALL.iter().map(|k| k.name()).collect();
+            VigilError::Config(format!("unknown backbone '{s}' (known: {})", known.join(", ")))
+        })
+    }
+}
+
+/// One image's features at one layer, channel-major (C, H, W).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureMap {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+impl FeatureMap {
+    /// The H x W plane of channel `c`.
+    pub fn plane(&self, c: usize) -> &[f32] {
+        let n = self.height * self.width;
+        &self.data[c * n..(c + 1) * n]
+    }
+}
+
+/// The device used when none is given: CUDA with feature `cuda`, wgpu with feature `wgpu`,
+/// else burn's pure-Rust flex CPU backend.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        Device::cuda(0)
+    }
+    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    {
+        Device::wgpu(Default::default())
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        Device::flex()
+    }
+}
+
+/// The shipped weights of `kind`, if present: `$VIGIL_WEIGHTS_DIR` first, then
+/// `<workspace>/../shared/weights`, as `<name>/<name>.safetensors` or `<name>.safetensors`.
+pub fn default_weights_path(kind: BackboneKind) -> Option<PathBuf> {
+    params::find_weights(kind.name())
+}
+
+/// Writes a state dict (PyTorch names, e.g. from [`Backbone::random_state`]) as safetensors.
+pub fn write_state(state: &TensorBag, path: &Path) -> Result<()> {
+    params::write_safetensors(state, path)
+}
+
+/// How many images go through the network at once in [`Backbone::extract`]: enough to keep
+/// the convolutions busy, few enough that WRN-50 activations at 256 px stay well under 1 GB.
+const EXTRACT_BATCH: usize = 8;
+
+/// An inference-only pretrained network with tappable intermediate layers. Cloning is cheap:
+/// the weight tensors are shared.
+#[derive(Clone)]
+pub struct Backbone {
+    kind: BackboneKind,
+    network: Network,
+    device: Device,
+}
+
+impl Backbone {
+    /// Loads weights onto the [`default_device`]: `.pth`/`.pt`/`.bin`/`.ckpt` are read as PyTorch
+    /// checkpoints, anything else as safetensors.
+    pub fn load(kind: BackboneKind, weights: &Path) -> Result<Backbone> {
+        Backbone::load_on(kind, weights, &default_device())
+    }
+
+    pub fn load_on(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Backbone> {
+        let state = params::read_checkpoint(weights)?;
+        Backbone::build(kind, &mut StateParams { bag: &state, origin: Some(weights) }, device)
+    }
+
+    /// Builds from an in-memory state dict with PyTorch names.
+    pub fn from_state(kind: BackboneKind, state: &TensorBag, device: &Device) -> Result<Backbone> {
+        Backbone::build(kind, &mut StateParams { bag: state, origin: None }, device)
+    }
+
+    /// Seeded random weights (torchvision-like initialisation) for tests without weight files.
+    pub fn random(kind: BackboneKind, seed: u64) -> Backbone {
+        Backbone::random_on(kind, seed, &default_device())
+    }
+
+    pub fn random_on(kind: BackboneKind, seed: u64, device: &Device) -> Backbone {
+        Backbone::build(kind, &mut RandomParams::new(seed), device)
+            .expect("random parameters are drawn with the shapes the architecture asks for")
+    }
+
+    /// The state dict [`Backbone::random`] draws for this seed, with PyTorch names.
+    pub fn random_state(kind: BackboneKind, seed: u64) -> TensorBag {
+        let mut params = RandomParams::new(seed);
+        Backbone::build(kind, &mut params, &default_device())
+            .expect("random parameters are drawn with the shapes the architecture asks for");
+        params.drawn
+    }
+
+    fn build(kind: BackboneKind, params: &mut dyn Params, device: &Device) -> Result<Backbone> {
+        let network = arch::build(kind, params, device)?;
+        Ok(Backbone { kind, network, device: device.clone() })
+    }
+
+    pub fn kind(&self) -> BackboneKind {
+        self.kind
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Tappable layer names, input to output (PyTorch module names: "features.6", "layer2", "_blocks.2").
+    pub fn layer_names(&self) -> Vec<String> {
+        self.network.stages.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// (channels, stride relative to the input) of a layer's output.
+    pub fn layer_info(&self, layer: &str) -> Result<(usize, usize)> {
+        let stage = &self.network.stages[self.stage_index(layer)?];
+        Ok((stage.channels, stage.stride))
+    }
+
+    /// EfficientNet's module names start with an underscore; "blocks.2" is accepted for "_blocks.2".
+    fn stage_index(&self, layer: &str) -> Result<usize> {
+        let stages = &self.network.stages;
+        let position = |name: &str| stages.iter().position(|s| s.name == name);
+        position(layer).or_else(|| position(&format!("_{layer}"))).ok_or_else(|| {
+            VigilError::Config(format!(
+                "backbone {} has no layer '{layer}' (layers: {})",
+                self.kind,
+                self.layer_names().join(", ")
+            ))
+        })
+    }
+
+    /// Images as one normalised batch [N, 3, h, w] on this backbone's device (see the crate
+    /// docs for the channel, resize and normalisation rules).
+    pub fn preprocess(&self, images: &[Image], input_size: (usize, usize)) -> Result<Tensor<4>> {
+        let (width, height) = input_size;
+        if width == 0 || height == 0 {
+            return Err(VigilError::Config(format!("backbone input size {width}x{height} is empty")));
+        }
+        if images.is_empty() {
+            return Err(VigilError::invalid("no images to run through the backbone"));
+        }
+        let (mean, std) = self.kind.normalization();
+        let mut data = Vec::with_capacity(images.len() * 3 * width * height);
+        for (i, image) in images.iter().enumerate() {
+            let rgb = to_rgb(image).map_err(|e| VigilError::invalid(format!("image {i}: {e}")))?;
+            let resized = rgb.resize_bilinear(width, height);
+            for c in 0..3 {
+                data.extend(resized.channel(c).iter().map(|&v| (v - mean[c]) / std[c]));
+            }
+        }
+        Ok(Tensor::from_data(TensorData::new(data, [images.len(), 3, height, width]), &self.device))
+    }
+
+    /// Runs a normalised batch [N, 3, H, W] up to the deepest requested layer; returns one
+    /// tensor [N, C, H/s, W/s] per requested layer, in the order asked.
+    pub fn extract_tensor(&self, batch: Tensor<4>, layers: &[String]) -> Result<Vec<Tensor<4>>> {
+        check_batch(&batch)?;
+        if layers.is_empty() {
+            return Err(VigilError::Config("no backbone layers requested".into()));
+        }
+        let wanted: Vec<usize> = layers.iter().map(|l| self.stage_index(l)).collect::<Result<_>>()?;
+        let deepest = *wanted.iter().max().expect("layers is not empty");
+        let mut outputs: Vec<Option<Tensor<4>>> = vec![None; self.network.stages.len()];
+        let mut x = batch;
+        for (index, stage) in self.network.stages[..=deepest].iter().enumerate() {
+            x = stage.block.forward(x);
+            if wanted.contains(&index) {
+                outputs[index] = Some(x.clone());
+            }
+        }
+        Ok(wanted.iter().map(|&i| outputs[i].clone().expect("every wanted stage ran")).collect())
+    }
+
+    /// Features of each requested layer for each image: `result[image][layer]`.
+    pub fn extract(
+        &self,
+        images: &[Image],
+        layers: &[String],
+        input_size: (usize, usize),
+    ) -> Result<Vec<Vec<FeatureMap>>> {
+        let mut result = Vec::with_capacity(images.len());
+        for chunk in images.chunks(EXTRACT_BATCH) {
+            let batch = self.preprocess(chunk, input_size)?;
+            let features = self.extract_tensor(batch, layers)?;
+            let mut per_image: Vec<Vec<FeatureMap>> = vec![Vec::with_capacity(layers.len()); chunk.len()];
+            for tensor in features {
+                for (image, map) in split_batch(tensor)?.into_iter().enumerate() {
+                    per_image[image].push(map);
+                }
+            }
+            result.extend(per_image);
+        }
+        Ok(result)
+    }
+
+    /// ImageNet logits [N, 1000] of a normalised batch.
+    pub fn classify_tensor(&self, batch: Tensor<4>) -> Result<Tensor<2>> {
+        check_batch(&batch)?;
+        let features = self.network.stages.iter().fold(batch, |x, stage| stage.block.forward(x));
+        Ok(self.network.classifier.forward(features))
+    }
+
+    /// ImageNet logits (1000 classes) of one image.
+    pub fn classify(&self, image: &Image, input_size: (usize, usize)) -> Result<Vec<f32>> {
+        let logits = self.classify_tensor(self.preprocess(std::slice::from_ref(image), input_size)?)?;
+        tensor_values(logits.into_data())
+    }
+}
+
+fn check_batch(batch: &Tensor<4>) -> Result<()> {
+    let [n, c, h, w] = batch.dims();
+    if n == 0 || c != 3 || h == 0 || w == 0 {
+        return Err(VigilError::invalid(format!(
+            "backbone input must be [N>0, 3, H>0, W>0], got [{n}, {c}, {h}, {w}]"
+        )));
+    }
+    Ok(())
+}
+
+/// Three channels from 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA).
+fn to_rgb(image: &Image) -> Result<Image> {
+    let expected = image.width * image.height * image.channels;
+    if image.width == 0 || image.height == 0 || image.data.len() != expected {
+        return Err(VigilError::invalid(format!(
+            "{}x{}x{} image holds {} samples",
+            image.width,
+            image.height,
+            image.channels,
+            image.data.len()
+        )));
+    }
+    match image.channels {
+        1 | 3 | 4 => Ok(image.to_rgb()),
+        2 => Ok(Image { channels: 1, data: image.channel(0).to_vec(), ..image.clone() }.to_rgb()),
+        n => Err(VigilError::invalid(format!("images with {n} channels are not supported (1 to 4)"))),
+    }
+}
+
+fn split_batch(tensor: Tensor<4>) -> Result<Vec<FeatureMap>> {
+    let [n, channels, height, width] = tensor.dims();
+    let data = tensor_values(tensor.into_data())?;
+    let per_image = channels * height * width;
+    Ok(data
+        .chunks_exact(per_image)
+        .take(n)
+        .map(|chunk| FeatureMap { channels, height, width, data: chunk.to_vec() })
+        .collect())
+}
+
+fn tensor_values(data: TensorData) -> Result<Vec<f32>> {
+    data.try_into_vec_as::<f32>().map_err(|e| VigilError::Model(format!("reading backbone output: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_from_torchvision_and_kebab_names() {
+        for kind in BackboneKind::ALL {
+            assert_eq!(kind.name().parse::<BackboneKind>().unwrap(), kind);
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(serde_json::from_str::<BackboneKind>(&json).unwrap(), kind);
+            assert_eq!(json.trim_matches('"').parse::<BackboneKind>().unwrap(), kind);
+        }
+        assert_eq!(serde_json::to_string(&BackboneKind::WideResNet50).unwrap(), "\"wide-resnet50-2\"");
+        assert!("vgg16".parse::<BackboneKind>().unwrap_err().to_string().contains("resnet18"));
+    }
+
+    #[test]
+    fn mobilenet_layers_and_strides() {
+        let backbone = Backbone::random(BackboneKind::MobileNetV2, 0);
+        let names = backbone.layer_names();
+        assert_eq!(names.len(), 19);
+        assert_eq!(names[0], "features.0");
+        assert_eq!(names[18], "features.18");
+        assert_eq!(backbone.layer_info("features.3").unwrap(), (24, 4));
+        assert_eq!(backbone.layer_info("features.6").unwrap(), (32, 8));
+        assert_eq!(backbone.layer_info("features.13").unwrap(), (96, 16));
+        assert_eq!(backbone.layer_info("features.17").unwrap(), (320, 32));
+        assert!(backbone.layer_info("layer2").unwrap_err().to_string().contains("features.3"));
+    }
+
+    #[test]
+    fn efficientnet_layers_and_strides() {
+        let backbone = Backbone::random(BackboneKind::EfficientNetLite0, 0);
+        assert_eq!(backbone.layer_names().len(), 18);
+        assert_eq!(backbone.layer_info("_blocks.2").unwrap(), (24, 4));
+        assert_eq!(backbone.layer_info("_blocks.4").unwrap(), (40, 8));
+        assert_eq!(backbone.layer_info("_blocks.10").unwrap(), (112, 16));
+        assert_eq!(backbone.layer_info("_blocks.15").unwrap(), (320, 32));
+        assert_eq!(backbone.layer_info("_conv_head").unwrap(), (1280, 32));
+        assert_eq!(backbone.layer_info("blocks.4").unwrap(), (40, 8));
+    }
+
+    #[test]
+    fn backbones_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Backbone>();
+    }
+
+    #[test]
+    fn gray_two_channel_and_rgba_images_become_rgb() {
+        let gray = Image::new(2, 1, 1, vec![0.2, 0.4]).unwrap();
+        assert_eq!(to_rgb(&gray).unwrap().data, vec![0.2, 0.4, 0.2, 0.4, 0.2, 0.4]);
+        let gray_alpha = Image::new(2, 1, 2, vec![0.2, 0.4, 1.0, 1.0]).unwrap();
+        assert_eq!(to_rgb(&gray_alpha).unwrap().data, vec![0.2, 0.4, 0.2, 0.4, 0.2, 0.4]);
+        let rgba = Image::new(1, 1, 4, vec![0.1, 0.2, 0.3, 1.0]).unwrap();
+        assert_eq!(to_rgb(&rgba).unwrap().data, vec![0.1, 0.2, 0.3]);
+        let five = Image::new(1, 1, 5, vec![0.0; 5]).unwrap();
+        assert!(to_rgb(&five).is_err());
+        let broken = Image { width: 2, height: 2, channels: 3, bit_depth: 8, data: vec![0.0; 3] };
+        assert!(to_rgb(&broken).is_err());
+    }
+}

@@ -70,18 +70,12 @@ impl ImageSource for InMemorySource {
 }
 
 /// Everything a fit needs besides the images.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct FitContext {
     pub seed: u64,
     /// Where a long fit keeps checkpoints so an interrupted run can resume (None: no checkpoints).
     pub checkpoint_dir: Option<PathBuf>,
     pub show_progress: bool,
-}
-
-impl Default for FitContext {
-    fn default() -> Self {
-        FitContext { seed: 0, checkpoint_dir: None, show_progress: false }
-    }
 }
 
 /// What scoring one image produces.
