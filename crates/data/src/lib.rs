@@ -1,1 +1,16 @@
 //! Images, datasets, masks, tiling and stitching, ignore masks, map files.
+
+pub mod dataset;
+pub mod ignore;
+pub mod io;
+pub mod source;
+pub mod tiling;
+
+pub use dataset::{list_classes, validation_split, Dataset, TestItem};
+pub use ignore::{apply_after, load_ignore_mask, IgnoreMode};
+pub use io::{list_images, load_image, load_map_tiff, load_mask, write_map_png16, write_map_tiff};
+pub use source::{BadFilePolicy, FileSource, SourceOptions};
+pub use tiling::{score_tiled, Reduce, Stitcher, Tile, TileGrid, TiledSource};
+
+#[cfg(test)]
+pub(crate) mod testutil;
