@@ -25,6 +25,7 @@ impl std::fmt::Display for ThresholdKind {
             ThresholdKind::Quantile { p } => write!(f, "{p}-quantile of normal validation scores"),
             ThresholdKind::KSigma { k } => write!(f, "mean + {k}·sigma of normal validation scores"),
             ThresholdKind::F1Optimal => write!(f, "F1-optimal on labelled validation data"),
+            ThresholdKind::Nfa { k } if *k == 0.0 => write!(f, "a contrario: NFA <= 1 (log10 NFA <= 0)"),
             ThresholdKind::Nfa { k } => write!(f, "a contrario: log10 NFA <= -{k}"),
             ThresholdKind::Fixed => write!(f, "fixed by the user"),
         }

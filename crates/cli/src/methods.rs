@@ -1,0 +1,134 @@
+//! The method registry: every method the CLI knows, how to build it from settings and how to load
+//! it from a model file. Adding a method = one entry here plus its crate under `methods/`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use vigil_core::{Detector, TensorBag};
+
+pub struct MethodEntry {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub default_settings: fn() -> Value,
+    pub build: fn(&Value) -> Result<Box<dyn Detector>>,
+    pub load: fn(&Value, &TensorBag) -> Result<Box<dyn Detector>>,
+}
+
+fn defaults<S: Default + Serialize>() -> Value {
+    serde_json::to_value(S::default()).expect("settings serialise")
+}
+
+fn parse_settings<S: DeserializeOwned>(v: &Value) -> Result<S> {
+    Ok(serde_json::from_value(v.clone())?)
+}
+
+pub fn registry() -> Vec<MethodEntry> {
+    vec![MethodEntry {
+        name: "acontrario",
+        summary: "A contrario multi-scale detector (thesis ch. 3): Patch-PCA or Gabor features, Mahalanobis \
+                  distance, number of false alarms; threshold NFA <= 1 needs no labelled anomaly.",
+        default_settings: defaults::<vigil_acontrario::AcontrarioSettings>,
+        build: |v| Ok(Box::new(vigil_acontrario::AcontrarioDetector::new(parse_settings(v)?))),
+        load: |v, s| Ok(Box::new(vigil_acontrario::AcontrarioDetector::load(v, s)?)),
+    }]
+}
+
+pub fn find(name: &str) -> Result<MethodEntry> {
+    let names: Vec<&str> = registry().iter().map(|m| m.name).collect();
+    registry()
+        .into_iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| anyhow!("unknown method '{name}'; known methods: {}", names.join(", ")))
+}
+
+/// A method spec `name[:key=value,...]` plus extra `key=value` parameters.
+pub struct MethodSpec {
+    pub name: String,
+    pub settings: Value,
+}
+
+impl MethodSpec {
+    pub fn parse(spec: &str, extra: &[String]) -> Result<MethodSpec> {
+        let (name, inline) = match spec.split_once(':') {
+            Some((n, rest)) => (n.trim(), rest),
+            None => (spec.trim(), ""),
+        };
+        let entry = find(name)?;
+        let mut settings = (entry.default_settings)();
+        let pairs = inline.split(',').filter(|p| !p.trim().is_empty()).map(str::to_string);
+        for pair in pairs.chain(extra.iter().cloned()) {
+            let (key, value) =
+                pair.split_once('=').ok_or_else(|| anyhow!("method parameter '{pair}' is not key=value"))?;
+            set_path(&mut settings, key.trim(), parse_value(value.trim()), name)?;
+        }
+        // Round-trip through the settings type so a mistyped value is caught now, with its name.
+        (entry.build)(&settings).with_context(|| format!("invalid settings for method '{name}'"))?;
+        Ok(MethodSpec { name: name.to_string(), settings })
+    }
+
+    /// A short label for tables: the name plus the parameters that differ from the defaults.
+    pub fn label(&self) -> String {
+        let defaults = find(&self.name).map(|e| (e.default_settings)()).unwrap_or(Value::Null);
+        let mut diffs = Vec::new();
+        diff_settings("", &defaults, &self.settings, &mut diffs);
+        if diffs.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}({})", self.name, diffs.join(","))
+        }
+    }
+
+    pub fn build(&self) -> Result<Box<dyn Detector>> {
+        (find(&self.name)?.build)(&self.settings)
+    }
+}
+
+fn diff_settings(prefix: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, vb) in b {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match a.get(k) {
+                    Some(va) => diff_settings(&key, va, vb, out),
+                    None => out.push(format!("{key}={vb}")),
+                }
+            }
+        }
+        _ if a != b => out.push(format!("{prefix}={}", b.to_string().trim_matches('"'))),
+        _ => {}
+    }
+}
+
+fn parse_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// Set `a.b.c = value`, refusing keys the method does not have (a typo must not pass silently).
+fn set_path(settings: &mut Value, key: &str, value: Value, method: &str) -> Result<()> {
+    let mut node = settings;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let Value::Object(map) = node else { bail!("setting '{key}' of method '{method}' is not a table") };
+        let known: Vec<String> = map.keys().cloned().collect();
+        let Some(child) = map.get_mut(*part) else {
+            bail!("method '{method}' has no setting '{key}'; its settings are: {}", known.join(", "))
+        };
+        if i + 1 == parts.len() {
+            *child = value;
+            return Ok(());
+        }
+        node = child;
+    }
+    Ok(())
+}
+
+pub fn load(name: &str, settings: &Value, state: &TensorBag) -> Result<Box<dyn Detector>> {
+    (find(name)?.load)(settings, state).with_context(|| format!("cannot load the '{name}' model"))
+}
+
+pub fn print_methods() {
+    for m in registry() {
+        println!("{}\n  {}\n  settings (defaults): {}\n", m.name, m.summary, (m.default_settings)());
+    }
+}

@@ -1,0 +1,470 @@
+//! The image pipeline around a method: channel conversion, tiling and stitching, ignore masks,
+//! image scores from maps, thresholds from held-out normal images, and the `fit` command.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use vigil_core::model_file::ModelHeader;
+use vigil_core::{
+    Detector, FitContext, Image, ImageSource, Map, Mask, ModelFile, Threshold, ThresholdKind, ThresholdLevel,
+};
+use vigil_data::dataset::validation_split;
+use vigil_data::ignore::IgnoreMode;
+use vigil_data::source::{BadFilePolicy, FileSource, SourceOptions};
+use vigil_data::tiling::TiledSource;
+use vigil_metrics::ImageScoreReduction;
+
+use crate::args::{FitArgs, PipelineArgs};
+use crate::methods::{self, MethodSpec};
+
+/// Pipeline settings stored in the model file, so `test` and `predict` score exactly as `fit` did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PipelineSettings {
+    pub tile: Option<usize>,
+    pub overlap: usize,
+    pub ignore_mode: Option<IgnoreMode>,
+    /// Source of the ignore mask (informational; the mask itself is stored in the model state).
+    pub ignore_path: Option<PathBuf>,
+    pub image_score: Option<ImageScoreReduction>,
+    /// Channels of the training images as the method saw them; test images are converted to match
+    /// (a grayscale image given to a colour model is replicated, a colour one to a gray model is reduced).
+    pub channels: Option<usize>,
+}
+
+/// A ready-to-score pipeline: settings plus the loaded ignore mask.
+pub struct Pipeline {
+    pub settings: PipelineSettings,
+    pub ignore: Option<Mask>,
+    pub policy: BadFilePolicy,
+}
+
+/// One scored image.
+pub struct Scored {
+    pub map: Map,
+    pub image_score: f32,
+    pub log10_nfa: Option<Map>,
+}
+
+pub const IGNORE_TENSOR: &str = "pipeline.ignore_mask";
+
+impl Pipeline {
+    pub fn from_args(args: &PipelineArgs) -> Result<Pipeline> {
+        let ignore_mode = match args.ignore_mode.as_deref() {
+            None => args.ignore.as_ref().map(|_| IgnoreMode::After),
+            Some(s) => Some(s.parse::<IgnoreMode>().map_err(|e| anyhow!("--ignore-mode: {e}"))?),
+        };
+        if ignore_mode.is_some() && args.ignore.is_none() {
+            bail!("--ignore-mode needs --ignore <mask image>");
+        }
+        let ignore = match &args.ignore {
+            Some(p) => {
+                let mask = vigil_data::io::load_mask(p, None, false)?;
+                if mask.count() == mask.data.len() {
+                    bail!(
+                        "{}: the ignore mask covers the whole image; nothing would be inspected",
+                        p.display()
+                    );
+                }
+                Some(mask)
+            }
+            None => None,
+        };
+        let image_score = args
+            .image_score
+            .as_deref()
+            .map(|s| s.parse::<ImageScoreReduction>().map_err(|e| anyhow!("--image-score: {e}")))
+            .transpose()?;
+        if let Some(t) = args.tile {
+            if t < 8 {
+                bail!("--tile {t} is too small (at least 8 pixels)");
+            }
+            if args.overlap.unwrap_or(0) >= t {
+                bail!("--overlap must be smaller than --tile");
+            }
+        }
+        Ok(Pipeline {
+            settings: PipelineSettings {
+                tile: args.tile,
+                overlap: args.overlap.unwrap_or(0),
+                ignore_mode,
+                ignore_path: args.ignore.clone(),
+                image_score,
+                channels: None,
+            },
+            ignore,
+            policy: if args.skip_bad { BadFilePolicy::Skip } else { BadFilePolicy::Stop },
+        })
+    }
+
+    /// The pipeline a model was fitted with; options given now (tiling, score, ignore) override it.
+    pub fn from_model(model: &ModelFile, args: &PipelineArgs) -> Result<Pipeline> {
+        let stored: PipelineSettings = serde_json::from_value(model.header.pipeline.clone())
+            .context("model file: pipeline settings are not valid")?;
+        let mut p = Pipeline::from_args(args)?;
+        if args.tile.is_none() {
+            p.settings.tile = stored.tile;
+            p.settings.overlap = stored.overlap;
+        }
+        p.settings.channels = stored.channels;
+        if p.settings.image_score.is_none() {
+            p.settings.image_score = stored.image_score;
+        }
+        if args.ignore.is_none() {
+            p.settings.ignore_mode = stored.ignore_mode;
+            p.settings.ignore_path = stored.ignore_path;
+            if p.settings.ignore_mode.is_some() {
+                let shape = model.state.shape(IGNORE_TENSOR)?.to_vec();
+                let v = model.state.f32(IGNORE_TENSOR, None)?;
+                p.ignore = Some(Mask::new(shape[1], shape[0], v.iter().map(|&x| x > 0.5).collect())?);
+            }
+        }
+        Ok(p)
+    }
+
+    fn ignore_for(&self, image: &Image, name: &str) -> Result<Option<Mask>> {
+        match &self.ignore {
+            None => Ok(None),
+            Some(m) if m.width == image.width && m.height == image.height => Ok(Some(m.clone())),
+            Some(m) => bail!(
+                "{name}: image is {}x{} but the ignore mask is {}x{}; ignore masks must match the images",
+                image.width,
+                image.height,
+                m.width,
+                m.height
+            ),
+        }
+    }
+
+    /// Score one image (already loaded) with the detector through tiling and ignore masks.
+    pub fn score(&self, det: &dyn Detector, image: &Image, name: &str) -> Result<Scored> {
+        let image = match (self.settings.channels, det.channel_mode().convert(image)) {
+            (Some(3), i) if i.channels != 3 => i.to_rgb(),
+            (Some(1), i) if i.channels != 1 => i.to_gray(),
+            (_, i) => i,
+        };
+        let ignore = self.ignore_for(&image, name)?;
+        let before = matches!(self.settings.ignore_mode, Some(IgnoreMode::Before));
+        let method_ignore = ignore.as_ref().filter(|_| before);
+        let out = match self.settings.tile {
+            Some(tile) => {
+                vigil_data::tiling::score_tiled(&image, method_ignore, tile, self.settings.overlap, |t, m| {
+                    det.score(t, m)
+                })
+                .with_context(|| format!("{name}: tiled scoring"))?
+            }
+            None => det.score(&image, method_ignore).with_context(|| name.to_string())?,
+        };
+        let (mut map, mut nfa, own_score) = (out.map, out.log10_nfa, out.image_score);
+        if map.width != image.width || map.height != image.height {
+            bail!(
+                "{name}: method returned a {}x{} map for a {}x{} image",
+                map.width,
+                map.height,
+                image.width,
+                image.height
+            );
+        }
+        map.check_finite(name)?;
+        let mut own_score = own_score;
+        if let (Some(ignore), Some(IgnoreMode::After)) = (&ignore, self.settings.ignore_mode) {
+            vigil_data::ignore::apply_after(&mut map, ignore)?;
+            // The method's own score saw the ignored pixels: the score must come from the masked map.
+            own_score = None;
+            if let Some(n) = nfa.as_mut() {
+                silence_nfa(n, ignore);
+            }
+        }
+        let image_score = match (&self.settings.image_score, own_score) {
+            (Some(r), _) => r.reduce(&map)?,
+            (None, Some(s)) => s,
+            (None, None) => map.max(),
+        };
+        Ok(Scored { map, image_score, log10_nfa: nfa })
+    }
+
+    pub fn source(&self, paths: Vec<PathBuf>, det: &dyn Detector) -> Result<Box<dyn ImageSource>> {
+        let ignore =
+            self.ignore.clone().filter(|_| matches!(self.settings.ignore_mode, Some(IgnoreMode::Before)));
+        let options =
+            SourceOptions { ignore, bad_files: self.policy, ..SourceOptions::new(det.channel_mode()) };
+        let source = FileSource::open(&paths, options)?;
+        for (path, err) in source.skipped() {
+            eprintln!("warning: skipped {}: {err}", path.display());
+        }
+        Ok(match self.settings.tile {
+            Some(tile) => Box::new(TiledSource::new(source, tile, self.settings.overlap)?),
+            None => Box::new(source),
+        })
+    }
+}
+
+/// Ignored pixels must never count as detections: give them the least significant NFA seen (at least 1).
+fn silence_nfa(nfa: &mut Map, ignore: &Mask) {
+    let quiet = nfa
+        .data
+        .iter()
+        .zip(&ignore.data)
+        .filter(|(_, &ig)| !ig)
+        .map(|(&v, _)| v)
+        .fold(0.0f32, f32::max)
+        .max(1.0);
+    for (v, &ig) in nfa.data.iter_mut().zip(&ignore.data) {
+        if ig {
+            *v = quiet;
+        }
+    }
+}
+
+/// `max`, `quantile:P`, `ksigma:K`, `nfa:K`, `fixed:V`, `f1` (F1-optimal; needs labels).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ThresholdSpec {
+    Max,
+    Quantile(f64),
+    KSigma(f64),
+    Nfa(f64),
+    Fixed(f64),
+}
+
+impl std::str::FromStr for ThresholdSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, arg) = match s.split_once(':') {
+            Some((k, a)) => (k, Some(a)),
+            None => (s, None),
+        };
+        let num = |default: Option<f64>| -> Result<f64> {
+            match arg {
+                Some(a) => a.parse::<f64>().map_err(|_| anyhow!("threshold '{s}': '{a}' is not a number")),
+                None => default.ok_or_else(|| anyhow!("threshold '{s}' needs a value, e.g. {kind}:0.99")),
+            }
+        };
+        Ok(match kind {
+            "max" => ThresholdSpec::Max,
+            "quantile" => {
+                let p = num(Some(0.99))?;
+                if !(0.0..=1.0).contains(&p) || p == 0.0 {
+                    bail!("threshold '{s}': the quantile must be in (0, 1]");
+                }
+                ThresholdSpec::Quantile(p)
+            }
+            "ksigma" => ThresholdSpec::KSigma(num(Some(3.0))?),
+            "nfa" => ThresholdSpec::Nfa(num(Some(0.0))?),
+            "fixed" => ThresholdSpec::Fixed(num(None)?),
+            _ => bail!("unknown threshold '{s}': use max, quantile:P, ksigma:K, nfa:K or fixed:V"),
+        })
+    }
+}
+
+impl ThresholdSpec {
+    fn from_kind(kind: &ThresholdKind) -> ThresholdSpec {
+        match kind {
+            ThresholdKind::Nfa { k } => ThresholdSpec::Nfa(*k),
+            ThresholdKind::Max => ThresholdSpec::Max,
+            ThresholdKind::Quantile { p } => ThresholdSpec::Quantile(*p),
+            ThresholdKind::KSigma { k } => ThresholdSpec::KSigma(*k),
+            ThresholdKind::F1Optimal | ThresholdKind::Fixed => ThresholdSpec::Quantile(0.99),
+        }
+    }
+
+    /// Compute the threshold from the scores of held-out normal images (image or pixel level).
+    pub fn compute(
+        &self,
+        level: ThresholdLevel,
+        normal_scores: &[f64],
+        nfa_available: bool,
+    ) -> Result<Threshold> {
+        use vigil_metrics::threshold as th;
+        let t = match self {
+            ThresholdSpec::Nfa(k) => {
+                if !nfa_available {
+                    bail!("an NFA threshold needs a method that computes an NFA (acontrario, uflow)");
+                }
+                Threshold { kind: ThresholdKind::Nfa { k: *k }, level, value: *k, n_samples: 0 }
+            }
+            ThresholdSpec::Fixed(v) => {
+                Threshold { kind: ThresholdKind::Fixed, level, value: *v, n_samples: 0 }
+            }
+            ThresholdSpec::Max => th::max_of(normal_scores, level)?,
+            ThresholdSpec::Quantile(p) => th::quantile(normal_scores, *p, level)?,
+            ThresholdSpec::KSigma(k) => th::k_sigma(normal_scores, *k, level)?,
+        };
+        Ok(t)
+    }
+}
+
+/// Is `score` above the threshold? For NFA thresholds the decision reads the NFA map (or, for
+/// methods whose map is −log10 NFA, the map itself).
+pub fn pixel_decisions(scored: &Scored, t: &Threshold) -> Mask {
+    let data = match (&t.kind, &scored.log10_nfa) {
+        (ThresholdKind::Nfa { k }, Some(nfa)) => nfa.data.iter().map(|&v| (v as f64) <= -k).collect(),
+        _ => scored.map.data.iter().map(|&v| (v as f64) > t.value).collect(),
+    };
+    Mask { width: scored.map.width, height: scored.map.height, data }
+}
+
+pub fn image_decision(scored: &Scored, t: &Threshold) -> bool {
+    match (&t.kind, &scored.log10_nfa) {
+        (ThresholdKind::Nfa { k }, Some(nfa)) => (nfa.min() as f64) <= -k,
+        _ => (scored.image_score as f64) > t.value,
+    }
+}
+
+/// Resolve a training argument: an MVTec class folder (train/good) or a plain folder of normal images.
+pub fn training_images(train: &Path) -> Result<Vec<PathBuf>> {
+    let good = train.join("train").join("good");
+    if good.is_dir() {
+        Ok(vigil_data::io::list_images(&good)?)
+    } else {
+        Ok(vigil_data::io::list_images(train)?)
+    }
+}
+
+pub struct FitOutcome {
+    pub model: ModelFile,
+    pub detector: Box<dyn Detector>,
+    pub pipeline: Pipeline,
+    pub fit_seconds: f64,
+}
+
+/// Fit a method on normal images, hold some out to set thresholds; returns the model (not yet written).
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    spec: &MethodSpec,
+    train_paths: Vec<PathBuf>,
+    mut pipeline: Pipeline,
+    val_fraction: f64,
+    image_threshold: Option<&str>,
+    pixel_threshold: Option<&str>,
+    seed: u64,
+    checkpoint_dir: Option<PathBuf>,
+) -> Result<FitOutcome> {
+    if !(0.0..1.0).contains(&val_fraction) {
+        bail!("--val-fraction must be in [0, 1), got {val_fraction}");
+    }
+    let mut detector = spec.build()?;
+    let (fit_paths, val_paths) = validation_split(&train_paths, val_fraction, seed);
+    let n_fit = fit_paths.len();
+    let source = pipeline.source(fit_paths, detector.as_ref())?;
+    if source.is_empty() {
+        bail!("no usable training image");
+    }
+    pipeline.settings.channels = Some(source.load(0)?.channels);
+    let ctx = FitContext { seed, checkpoint_dir, show_progress: true };
+    let start = Instant::now();
+    detector.fit(source.as_ref(), &ctx)?;
+    let fit_seconds = start.elapsed().as_secs_f64();
+
+    // Thresholds from held-out normal images.
+    let mut image_scores = Vec::new();
+    let mut pixel_scores: Vec<f64> = Vec::new();
+    let mut nfa_available = detector.default_threshold().is_some();
+    let bar = vigil_core::progress::bar(val_paths.len() as u64, "validation");
+    for path in &val_paths {
+        let image = match vigil_data::io::load_image(path) {
+            Ok(i) => i,
+            Err(e) if pipeline.policy == BadFilePolicy::Skip => {
+                eprintln!("warning: skipped {}: {e}", path.display());
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let scored = pipeline.score(detector.as_ref(), &image, &path.display().to_string())?;
+        image_scores.push(scored.image_score as f64);
+        nfa_available &= scored.log10_nfa.is_some();
+        pixel_scores.extend(scored.map.data.iter().map(|&v| v as f64));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let default_kind = detector.default_threshold();
+    let image_spec = match image_threshold {
+        Some(s) => s.parse::<ThresholdSpec>()?,
+        None => default_kind.as_ref().map(ThresholdSpec::from_kind).unwrap_or(ThresholdSpec::Quantile(0.99)),
+    };
+    let needs_scores = !matches!(image_spec, ThresholdSpec::Nfa(_) | ThresholdSpec::Fixed(_));
+    if needs_scores && image_scores.is_empty() {
+        bail!(
+            "threshold '{}' needs held-out normal images, but none were held out: raise --val-fraction or give \
+             more training images (or use --threshold fixed:V / nfa:K)",
+            image_threshold.unwrap_or("quantile:0.99")
+        );
+    }
+    let image_t = image_spec.compute(ThresholdLevel::Image, &image_scores, nfa_available)?;
+    let image_is_map_max =
+        pipeline.settings.image_score.as_ref().is_none_or(|r| matches!(r, ImageScoreReduction::Max));
+    let pixel_t = match pixel_threshold {
+        Some(s) => {
+            s.parse::<ThresholdSpec>()?.compute(ThresholdLevel::Pixel, &pixel_scores, nfa_available)?
+        }
+        None if image_is_map_max || matches!(image_spec, ThresholdSpec::Nfa(_) | ThresholdSpec::Fixed(_)) => {
+            Threshold { level: ThresholdLevel::Pixel, ..image_t.clone() }
+        }
+        None => image_spec.compute(ThresholdLevel::Pixel, &pixel_scores, nfa_available)?,
+    };
+
+    let mut state = detector.state()?;
+    if let Some(m) = &pipeline.ignore {
+        state.put_f32(
+            IGNORE_TENSOR,
+            &[m.height, m.width],
+            m.data.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect(),
+        );
+    }
+    let header = ModelHeader {
+        method: spec.name.clone(),
+        vigil_version: env!("CARGO_PKG_VERSION").to_string(),
+        settings: spec.settings.clone(),
+        pipeline: serde_json::to_value(&pipeline.settings)?,
+        image_threshold: Some(image_t),
+        pixel_threshold: Some(pixel_t),
+        fit_info: serde_json::json!({
+            "train_images": n_fit,
+            "validation_images": image_scores.len(),
+            "seed": seed,
+            "fit_seconds": fit_seconds,
+        }),
+    };
+    Ok(FitOutcome { model: ModelFile { header, state }, detector, pipeline, fit_seconds })
+}
+
+pub fn fit_command(args: FitArgs) -> Result<()> {
+    let config = args.config.clone();
+    let args: FitArgs = crate::config::merge_with_file(args, config.as_deref())?;
+    let method =
+        args.method.as_deref().ok_or_else(|| anyhow!("--method is required (see `vigil methods`)"))?;
+    let train = args.train.as_deref().ok_or_else(|| anyhow!("--train <folder> is required"))?;
+    let out = args.out.as_deref().ok_or_else(|| anyhow!("--out <model file> is required"))?;
+    if out.exists() && !args.overwrite {
+        bail!("{}: already exists; pass --overwrite to replace it", out.display());
+    }
+    let spec = MethodSpec::parse(method, &args.params)?;
+    let pipeline = Pipeline::from_args(&args.pipeline)?;
+    let paths = training_images(train)?;
+    let outcome = fit(
+        &spec,
+        paths,
+        pipeline,
+        args.val_fraction.unwrap_or(0.2),
+        args.threshold.as_deref(),
+        args.pixel_threshold.as_deref(),
+        args.seed.unwrap_or(0),
+        args.checkpoint_dir.clone(),
+    )?;
+    outcome.model.write(out, args.overwrite)?;
+    let h = &outcome.model.header;
+    println!("fitted {} in {:.1} s -> {}", spec.label(), outcome.fit_seconds, out.display());
+    for t in [&h.image_threshold, &h.pixel_threshold].into_iter().flatten() {
+        println!("  {:?} threshold {:.6} ({}, from {} scores)", t.level, t.value, t.kind, t.n_samples);
+    }
+    Ok(())
+}
+
+/// Load a model file and rebuild its detector.
+pub fn load_model(path: &Path) -> Result<(ModelFile, Box<dyn Detector>)> {
+    let model = ModelFile::read(path)?;
+    let det = methods::load(&model.header.method, &model.header.settings, &model.state)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok((model, det))
+}
