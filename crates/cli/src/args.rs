@@ -98,9 +98,19 @@ pub struct FitArgs {
     #[arg(long)]
     pub val_fraction: Option<f64>,
     /// Image-level threshold: `max`, `quantile:P`, `ksigma:K` (on held-out normal scores), `nfa:K`
-    /// (log10 NFA <= -K, for a contrario methods), `fixed:V`. Default: the method's own (NFA) or quantile:0.99.
+    /// (log10 NFA <= -K, for a contrario methods), `fixed:V`, or `f1` (F1-optimal; needs --val-anomalous).
+    /// Default: the method's own (NFA) or quantile:0.99.
     #[arg(long)]
     pub threshold: Option<String>,
+    /// Labelled anomalous validation images (a folder), for `--threshold f1` (F1-optimal) thresholds.
+    #[arg(long)]
+    pub val_anomalous: Option<PathBuf>,
+    /// Ground-truth masks of the --val-anomalous images (a folder), for pixel-level F1 thresholds.
+    #[arg(long)]
+    pub val_masks: Option<PathBuf>,
+    /// Mask file name pattern for --val-masks; `{stem}` is the image file stem (default `{stem}_mask.png`).
+    #[arg(long)]
+    pub mask_pattern: Option<String>,
     /// Pixel-level threshold, same forms as --threshold. Default: the image threshold when image scores are the
     /// map maximum (a pixel is flagged exactly when it alone would flag its image), else the same kind on pixels.
     #[arg(long)]

@@ -7,7 +7,7 @@ use vigil_data::dataset::Dataset;
 
 use crate::args::BenchmarkArgs;
 use crate::methods::MethodSpec;
-use crate::pipeline::{fit, training_images, Pipeline};
+use crate::pipeline::{fit, training_images, FitOptions, Pipeline};
 use crate::test_cmd::{evaluate, thresholds, write_outputs, Metrics};
 
 const HEADERS: [&str; 16] = [
@@ -117,16 +117,9 @@ pub fn benchmark_command(args: BenchmarkArgs) -> Result<()> {
         for class_dir in &class_dirs {
             let dataset = Dataset::discover(class_dir)?;
             let pipeline = Pipeline::from_args(&args.pipeline)?;
-            let outcome = fit(
-                spec,
-                training_images(class_dir)?,
-                pipeline,
-                args.val_fraction.unwrap_or(0.2),
-                None,
-                None,
-                seed,
-                None,
-            )?;
+            let opts =
+                FitOptions { val_fraction: args.val_fraction.unwrap_or(0.2), seed, ..Default::default() };
+            let outcome = fit(spec, training_images(class_dir)?, pipeline, opts)?;
             let (image_t, pixel_t) = thresholds(&outcome.model)?;
             let eval = evaluate(
                 outcome.detector.as_ref(),

@@ -8,7 +8,7 @@ use vigil_data::dataset::Dataset;
 
 use crate::args::{DemoArgs, PipelineArgs};
 use crate::methods::MethodSpec;
-use crate::pipeline::{fit, training_images, Pipeline};
+use crate::pipeline::{fit, training_images, FitOptions, Pipeline};
 use crate::test_cmd::{evaluate, print_metrics, thresholds, write_outputs};
 
 /// The embedded dataset: `data/demo/PA_BDP01_TL` in the repository (override with VIGIL_DEMO_DATA).
@@ -32,7 +32,7 @@ pub fn demo_command(args: DemoArgs) -> Result<()> {
     let spec = MethodSpec::parse(&args.method, &[])?;
     println!("vigil demo: {} on {} (PIPED, CC BY 4.0)", spec.label(), data.display());
     let pipeline = Pipeline::from_args(&PipelineArgs::default())?;
-    let outcome = fit(&spec, training_images(&data)?, pipeline, 0.2, None, None, 0, None)?;
+    let outcome = fit(&spec, training_images(&data)?, pipeline, FitOptions::default())?;
     println!("fitted in {:.1} s", outcome.fit_seconds);
     // The demo's outputs are its own: re-running the demo replaces them.
     let model_path = args.out.join("model.vigil");

@@ -10,7 +10,7 @@ use vigil_core::model_file::ModelHeader;
 use vigil_core::{
     Detector, FitContext, Image, ImageSource, Map, Mask, ModelFile, Threshold, ThresholdKind, ThresholdLevel,
 };
-use vigil_data::dataset::validation_split;
+use vigil_data::dataset::{validation_split, Dataset, TestItem};
 use vigil_data::ignore::IgnoreMode;
 use vigil_data::source::{BadFilePolicy, FileSource, SourceOptions};
 use vigil_data::tiling::TiledSource;
@@ -225,6 +225,8 @@ pub enum ThresholdSpec {
     KSigma(f64),
     Nfa(f64),
     Fixed(f64),
+    /// F1-optimal on held-out normal images plus labelled anomalous validation images.
+    F1,
 }
 
 impl std::str::FromStr for ThresholdSpec {
@@ -252,7 +254,8 @@ impl std::str::FromStr for ThresholdSpec {
             "ksigma" => ThresholdSpec::KSigma(num(Some(3.0))?),
             "nfa" => ThresholdSpec::Nfa(num(Some(0.0))?),
             "fixed" => ThresholdSpec::Fixed(num(None)?),
-            _ => bail!("unknown threshold '{s}': use max, quantile:P, ksigma:K, nfa:K or fixed:V"),
+            "f1" => ThresholdSpec::F1,
+            _ => bail!("unknown threshold '{s}': use max, quantile:P, ksigma:K, nfa:K, fixed:V or f1"),
         })
     }
 }
@@ -264,18 +267,29 @@ impl ThresholdSpec {
             ThresholdKind::Max => ThresholdSpec::Max,
             ThresholdKind::Quantile { p } => ThresholdSpec::Quantile(*p),
             ThresholdKind::KSigma { k } => ThresholdSpec::KSigma(*k),
-            ThresholdKind::F1Optimal | ThresholdKind::Fixed => ThresholdSpec::Quantile(0.99),
+            ThresholdKind::F1Optimal => ThresholdSpec::F1,
+            ThresholdKind::Fixed => ThresholdSpec::Quantile(0.99),
         }
     }
 
-    /// Compute the threshold from the scores of held-out normal images (image or pixel level).
+    /// Compute the threshold from validation scores: held-out normal images (label false) and,
+    /// for F1, labelled anomalous ones (label true).
     pub fn compute(
         &self,
         level: ThresholdLevel,
-        normal_scores: &[f64],
+        val: &ValidationScores,
         nfa_available: bool,
     ) -> Result<Threshold> {
         use vigil_metrics::threshold as th;
+        let normal = val.normal();
+        let needs_normal =
+            matches!(self, ThresholdSpec::Max | ThresholdSpec::Quantile(_) | ThresholdSpec::KSigma(_));
+        if needs_normal && normal.is_empty() {
+            bail!(
+                "{level:?} threshold {self:?} needs held-out normal images, but none were held out: raise \
+                 --val-fraction or give more training images (or use --threshold fixed:V / nfa:K)"
+            );
+        }
         let t = match self {
             ThresholdSpec::Nfa(k) => {
                 if !nfa_available {
@@ -286,11 +300,37 @@ impl ThresholdSpec {
             ThresholdSpec::Fixed(v) => {
                 Threshold { kind: ThresholdKind::Fixed, level, value: *v, n_samples: 0 }
             }
-            ThresholdSpec::Max => th::max_of(normal_scores, level)?,
-            ThresholdSpec::Quantile(p) => th::quantile(normal_scores, *p, level)?,
-            ThresholdSpec::KSigma(k) => th::k_sigma(normal_scores, *k, level)?,
+            ThresholdSpec::Max => th::max_of(&normal, level)?,
+            ThresholdSpec::Quantile(p) => th::quantile(&normal, *p, level)?,
+            ThresholdSpec::KSigma(k) => th::k_sigma(&normal, *k, level)?,
+            ThresholdSpec::F1 => {
+                if !val.labels.iter().any(|&l| l) || !val.labels.iter().any(|&l| !l) {
+                    bail!(
+                        "an F1-optimal {level:?} threshold needs labelled anomalous validation data \
+                         (--val-anomalous, and --val-masks for pixels) besides held-out normal images"
+                    );
+                }
+                th::f1_optimal(&val.scores, &val.labels, level)?
+            }
         };
         Ok(t)
+    }
+}
+
+/// Scores of validation data with labels (false = normal).
+#[derive(Default)]
+pub struct ValidationScores {
+    pub scores: Vec<f64>,
+    pub labels: Vec<bool>,
+}
+
+impl ValidationScores {
+    fn normal(&self) -> Vec<f64> {
+        self.scores.iter().zip(&self.labels).filter(|(_, &l)| !l).map(|(&s, _)| s).collect()
+    }
+    fn push(&mut self, score: f64, label: bool) {
+        self.scores.push(score);
+        self.labels.push(label);
     }
 }
 
@@ -328,80 +368,121 @@ pub struct FitOutcome {
     pub fit_seconds: f64,
 }
 
+/// How to fit and set thresholds.
+pub struct FitOptions {
+    /// Fraction of the normal images held out for thresholds.
+    pub val_fraction: f64,
+    pub image_threshold: Option<String>,
+    pub pixel_threshold: Option<String>,
+    pub seed: u64,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Labelled anomalous validation images (for F1-optimal thresholds), with masks when known.
+    pub val_anomalous: Vec<TestItem>,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            val_fraction: 0.2,
+            image_threshold: None,
+            pixel_threshold: None,
+            seed: 0,
+            checkpoint_dir: None,
+            val_anomalous: Vec::new(),
+        }
+    }
+}
+
 /// Fit a method on normal images, hold some out to set thresholds; returns the model (not yet written).
-#[allow(clippy::too_many_arguments)]
 pub fn fit(
     spec: &MethodSpec,
     train_paths: Vec<PathBuf>,
     mut pipeline: Pipeline,
-    val_fraction: f64,
-    image_threshold: Option<&str>,
-    pixel_threshold: Option<&str>,
-    seed: u64,
-    checkpoint_dir: Option<PathBuf>,
+    opts: FitOptions,
 ) -> Result<FitOutcome> {
-    if !(0.0..1.0).contains(&val_fraction) {
-        bail!("--val-fraction must be in [0, 1), got {val_fraction}");
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        bail!("--val-fraction must be in [0, 1), got {}", opts.val_fraction);
     }
     let mut detector = spec.build()?;
-    let (fit_paths, val_paths) = validation_split(&train_paths, val_fraction, seed);
+    let (fit_paths, val_paths) = validation_split(&train_paths, opts.val_fraction, opts.seed);
     let n_fit = fit_paths.len();
     let source = pipeline.source(fit_paths, detector.as_ref())?;
     if source.is_empty() {
         bail!("no usable training image");
     }
     pipeline.settings.channels = Some(source.load(0)?.channels);
-    let ctx = FitContext { seed, checkpoint_dir, show_progress: true };
+    let ctx =
+        FitContext { seed: opts.seed, checkpoint_dir: opts.checkpoint_dir.clone(), show_progress: true };
     let start = Instant::now();
     detector.fit(source.as_ref(), &ctx)?;
     let fit_seconds = start.elapsed().as_secs_f64();
 
-    // Thresholds from held-out normal images.
-    let mut image_scores = Vec::new();
-    let mut pixel_scores: Vec<f64> = Vec::new();
+    // Score the validation images: held-out normals, then any labelled anomalous ones.
+    let mut image_val = ValidationScores::default();
+    let mut pixel_val = ValidationScores::default();
+    let mut pixel_labels_complete = true;
     let mut nfa_available = detector.default_threshold().is_some();
-    let bar = vigil_core::progress::bar(val_paths.len() as u64, "validation");
-    for path in &val_paths {
-        let image = match vigil_data::io::load_image(path) {
+    let val_items: Vec<TestItem> = val_paths
+        .into_iter()
+        .map(|path| TestItem { path, label: false, kind: "good".into(), mask: None })
+        .chain(opts.val_anomalous.iter().cloned())
+        .collect();
+    let bar = vigil_core::progress::bar(val_items.len() as u64, "validation");
+    for item in &val_items {
+        let image = match vigil_data::io::load_image(&item.path) {
             Ok(i) => i,
             Err(e) if pipeline.policy == BadFilePolicy::Skip => {
-                eprintln!("warning: skipped {}: {e}", path.display());
+                eprintln!("warning: skipped {}: {e}", item.path.display());
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
-        let scored = pipeline.score(detector.as_ref(), &image, &path.display().to_string())?;
-        image_scores.push(scored.image_score as f64);
+        let scored = pipeline.score(detector.as_ref(), &image, &item.path.display().to_string())?;
+        image_val.push(scored.image_score as f64, item.label);
         nfa_available &= scored.log10_nfa.is_some();
-        pixel_scores.extend(scored.map.data.iter().map(|&v| v as f64));
+        let truth = match (&item.mask, item.label) {
+            (Some(m), _) => Some(vigil_data::io::load_mask(m, Some((image.width, image.height)), false)?),
+            (None, false) => Some(Mask::empty(image.width, image.height)),
+            (None, true) => None,
+        };
+        match truth {
+            Some(t) => {
+                for (&v, &l) in scored.map.data.iter().zip(&t.data) {
+                    pixel_val.push(v as f64, l);
+                }
+            }
+            None => pixel_labels_complete = false,
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
 
-    let default_kind = detector.default_threshold();
-    let image_spec = match image_threshold {
+    let image_spec = match &opts.image_threshold {
         Some(s) => s.parse::<ThresholdSpec>()?,
-        None => default_kind.as_ref().map(ThresholdSpec::from_kind).unwrap_or(ThresholdSpec::Quantile(0.99)),
+        None => detector
+            .default_threshold()
+            .as_ref()
+            .map(ThresholdSpec::from_kind)
+            .unwrap_or(ThresholdSpec::Quantile(0.99)),
     };
-    let needs_scores = !matches!(image_spec, ThresholdSpec::Nfa(_) | ThresholdSpec::Fixed(_));
-    if needs_scores && image_scores.is_empty() {
-        bail!(
-            "threshold '{}' needs held-out normal images, but none were held out: raise --val-fraction or give \
-             more training images (or use --threshold fixed:V / nfa:K)",
-            image_threshold.unwrap_or("quantile:0.99")
-        );
-    }
-    let image_t = image_spec.compute(ThresholdLevel::Image, &image_scores, nfa_available)?;
+    let image_t = image_spec.compute(ThresholdLevel::Image, &image_val, nfa_available)?;
     let image_is_map_max =
         pipeline.settings.image_score.as_ref().is_none_or(|r| matches!(r, ImageScoreReduction::Max));
-    let pixel_t = match pixel_threshold {
-        Some(s) => {
-            s.parse::<ThresholdSpec>()?.compute(ThresholdLevel::Pixel, &pixel_scores, nfa_available)?
-        }
+    let pixel_spec = match &opts.pixel_threshold {
+        Some(s) => Some(s.parse::<ThresholdSpec>()?),
+        // A pixel is flagged exactly when it alone would flag its image.
         None if image_is_map_max || matches!(image_spec, ThresholdSpec::Nfa(_) | ThresholdSpec::Fixed(_)) => {
-            Threshold { level: ThresholdLevel::Pixel, ..image_t.clone() }
+            None
         }
-        None => image_spec.compute(ThresholdLevel::Pixel, &pixel_scores, nfa_available)?,
+        None if matches!(image_spec, ThresholdSpec::F1) && !pixel_labels_complete => None,
+        None => Some(image_spec.clone()),
+    };
+    if matches!(pixel_spec, Some(ThresholdSpec::F1)) && !pixel_labels_complete {
+        bail!("a pixel-level F1 threshold needs a mask for every anomalous validation image (--val-masks)");
+    }
+    let pixel_t = match pixel_spec {
+        Some(spec) => spec.compute(ThresholdLevel::Pixel, &pixel_val, nfa_available)?,
+        None => Threshold { level: ThresholdLevel::Pixel, ..image_t.clone() },
     };
 
     let mut state = detector.state()?;
@@ -421,8 +502,8 @@ pub fn fit(
         pixel_threshold: Some(pixel_t),
         fit_info: serde_json::json!({
             "train_images": n_fit,
-            "validation_images": image_scores.len(),
-            "seed": seed,
+            "validation_images": image_val.scores.len(),
+            "seed": opts.seed,
             "fit_seconds": fit_seconds,
         }),
     };
@@ -442,16 +523,22 @@ pub fn fit_command(args: FitArgs) -> Result<()> {
     let spec = MethodSpec::parse(method, &args.params)?;
     let pipeline = Pipeline::from_args(&args.pipeline)?;
     let paths = training_images(train)?;
-    let outcome = fit(
-        &spec,
-        paths,
-        pipeline,
-        args.val_fraction.unwrap_or(0.2),
-        args.threshold.as_deref(),
-        args.pixel_threshold.as_deref(),
-        args.seed.unwrap_or(0),
-        args.checkpoint_dir.clone(),
-    )?;
+    let val_anomalous = match &args.val_anomalous {
+        Some(dir) => {
+            let pattern = args.mask_pattern.as_deref().unwrap_or("{stem}_mask.png");
+            Dataset::folders(None, None, Some(dir), args.val_masks.as_deref(), pattern)?.test
+        }
+        None => Vec::new(),
+    };
+    let opts = FitOptions {
+        val_fraction: args.val_fraction.unwrap_or(0.2),
+        image_threshold: args.threshold.clone(),
+        pixel_threshold: args.pixel_threshold.clone(),
+        seed: args.seed.unwrap_or(0),
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        val_anomalous,
+    };
+    let outcome = fit(&spec, paths, pipeline, opts)?;
     outcome.model.write(out, args.overwrite)?;
     let h = &outcome.model.header;
     println!("fitted {} in {:.1} s -> {}", spec.label(), outcome.fit_seconds, out.display());

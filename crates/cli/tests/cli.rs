@@ -295,3 +295,27 @@ fn tiled_scoring_returns_whole_image_maps() {
     assert_eq!((map.width, map.height), (96, 96));
     map.check_finite("stitched").unwrap();
 }
+
+#[test]
+fn f1_threshold_needs_and_uses_labelled_anomalies() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    let err = fails(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model), "--threshold", "f1"]);
+    assert!(err.contains("--val-anomalous"), "{err}");
+    let out = ok(&[
+        "fit",
+        "-m",
+        METHOD,
+        "--train",
+        s(&f.data),
+        "-o",
+        s(&model),
+        "--threshold",
+        "f1",
+        "--val-anomalous",
+        s(&f.data.join("test/spot")),
+        "--val-masks",
+        s(&f.data.join("ground_truth/spot")),
+    ]);
+    assert_eq!(out.matches("F1-optimal").count(), 2, "image and pixel thresholds are F1-optimal: {out}");
+}
