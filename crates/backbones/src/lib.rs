@@ -11,6 +11,17 @@
 //!
 //! Batch norm runs in eval mode and is folded into the preceding convolution at load time.
 //!
+//! # CaiT and MS-CaiT
+//!
+//! [`Cait`] is a CaiT vision transformer (timm names: `patch_embed.proj`, `pos_embed`,
+//! `blocks.N.{norm1, attn.{qkv, proj_l, proj_w, proj}, gamma_1, norm2, mlp.{fc1, fc2}, gamma_2}`,
+//! `norm`) truncated after block [`CaitConfig::last_block`], followed by its final LayerNorm and
+//! returned as a C x H/16 x W/16 token map. [`MsCait`] is U-Flow's extractor: `cait_m48_448` up to
+//! block 40 on the 448 px image (768 x 28 x 28) and `cait_s24_224` up to block 20 on the image
+//! bicubically resized to 224 px (384 x 14 x 14). Weights are timm state dicts saved as
+//! safetensors (or `.pth`), looked up as `cait_m48_448` / `cait_s24_224` by
+//! [`MsCait::default_weights_paths`]; none are shipped with the project.
+//!
 //! # Weights
 //!
 //! [`Backbone::load`] reads `.safetensors` (PyTorch names and layouts: conv `[out, in/groups, kh, kw]`,
@@ -42,6 +53,7 @@
 //! `(x - 0.5) / 0.5` for EfficientNet-Lite.
 
 mod arch;
+mod cait;
 mod layers;
 mod params;
 
@@ -54,6 +66,7 @@ use serde::{Deserialize, Serialize};
 use vigil_core::{Image, Result, TensorBag, VigilError};
 
 use crate::arch::Network;
+pub use crate::cait::{Cait, CaitConfig, MsCait, CAIT_M48_448, CAIT_S24_224};
 use crate::params::{Params, RandomParams, StateParams};
 
 /// The supported backbones. Serialised in kebab-case (`mobilenet-v2`, `efficientnet-lite0`,
@@ -97,7 +110,7 @@ impl BackboneKind {
     pub fn normalization(self) -> ([f32; 3], [f32; 3]) {
         match self {
             BackboneKind::EfficientNetLite0 => ([0.5; 3], [0.5; 3]),
-            _ => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            _ => IMAGENET_NORMALIZATION,
         }
     }
 }
@@ -119,6 +132,9 @@ impl FromStr for BackboneKind {
         })
     }
 }
+
+/// ImageNet per-channel (mean, std) for inputs in [0, 1], used by torchvision and timm models.
+pub const IMAGENET_NORMALIZATION: ([f32; 3], [f32; 3]) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
 
 /// One image's features at one layer, channel-major (C, H, W).
 #[derive(Clone, Debug, PartialEq)]
@@ -253,23 +269,7 @@ impl Backbone {
     /// Images as one normalised batch [N, 3, h, w] on this backbone's device (see the crate
     /// docs for the channel, resize and normalisation rules).
     pub fn preprocess(&self, images: &[Image], input_size: (usize, usize)) -> Result<Tensor<4>> {
-        let (width, height) = input_size;
-        if width == 0 || height == 0 {
-            return Err(VigilError::Config(format!("backbone input size {width}x{height} is empty")));
-        }
-        if images.is_empty() {
-            return Err(VigilError::invalid("no images to run through the backbone"));
-        }
-        let (mean, std) = self.kind.normalization();
-        let mut data = Vec::with_capacity(images.len() * 3 * width * height);
-        for (i, image) in images.iter().enumerate() {
-            let rgb = to_rgb(image).map_err(|e| VigilError::invalid(format!("image {i}: {e}")))?;
-            let resized = rgb.resize_bilinear(width, height);
-            for c in 0..3 {
-                data.extend(resized.channel(c).iter().map(|&v| (v - mean[c]) / std[c]));
-            }
-        }
-        Ok(Tensor::from_data(TensorData::new(data, [images.len(), 3, height, width]), &self.device))
+        preprocess_images(images, input_size, self.kind.normalization(), &self.device)
     }
 
     /// Runs a normalised batch [N, 3, H, W] up to the deepest requested layer; returns one
@@ -326,6 +326,32 @@ impl Backbone {
         let logits = self.classify_tensor(self.preprocess(std::slice::from_ref(image), input_size)?)?;
         tensor_values(logits.into_data())
     }
+}
+
+/// Images as one batch [N, 3, h, w] on `device`: made RGB, resized bilinearly to `input_size`
+/// (width, height) and normalised with per-channel (mean, std).
+fn preprocess_images(
+    images: &[Image],
+    input_size: (usize, usize),
+    (mean, std): ([f32; 3], [f32; 3]),
+    device: &Device,
+) -> Result<Tensor<4>> {
+    let (width, height) = input_size;
+    if width == 0 || height == 0 {
+        return Err(VigilError::Config(format!("backbone input size {width}x{height} is empty")));
+    }
+    if images.is_empty() {
+        return Err(VigilError::invalid("no images to run through the backbone"));
+    }
+    let mut data = Vec::with_capacity(images.len() * 3 * width * height);
+    for (i, image) in images.iter().enumerate() {
+        let rgb = to_rgb(image).map_err(|e| VigilError::invalid(format!("image {i}: {e}")))?;
+        let resized = rgb.resize_bilinear(width, height);
+        for c in 0..3 {
+            data.extend(resized.channel(c).iter().map(|&v| (v - mean[c]) / std[c]));
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(data, [images.len(), 3, height, width]), device))
 }
 
 fn check_batch(batch: &Tensor<4>) -> Result<()> {
