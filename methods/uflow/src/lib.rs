@@ -1,1 +1,13 @@
-//! U-Flow: U-shaped normalizing flow on multi-scale features with a contrario segmentation.
+//! U-Flow: U-shaped normalizing flow on multi-scale features with a contrario segmentation
+//! (Tailanian et al., JMIV 2024).
+//!
+//! - [`flow`]: the invertible building blocks and the U-shaped flow (burn).
+//! - [`detector`]: [`UflowDetector`], the vigil [`Detector`](vigil_core::Detector).
+//! - [`block_nfa`]: the binomial window variant of the NFA segmentation; the max-tree variant
+//!   lives in `vigil_nfa::maxtree`.
+
+pub mod block_nfa;
+pub mod detector;
+pub mod flow;
+
+pub use detector::{MsCaitWeights, ScoreTiming, Segmentation, UflowDetector, UflowSettings};

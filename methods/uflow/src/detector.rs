@@ -1,0 +1,645 @@
+//! U-Flow as a vigil [`Detector`]: frozen backbone features at several scales, the U-shaped flow
+//! trained on normal images, the likelihood anomaly map and the a contrario NFA map.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use vigil_backbones::{default_weights_path, Backbone, BackboneKind, MsCait};
+use vigil_core::{
+    ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput, TensorBag,
+    ThresholdKind, VigilError,
+};
+use vigil_nfa::maxtree::{tree_log10_nfa, Chi2Map};
+
+use crate::block_nfa::{BlockNfa, Latent};
+use crate::flow::{nll_loss, UFlow, UFlowShape};
+
+/// How the NFA map is computed from the latents.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Segmentation {
+    /// Max-tree of upper level sets with the χ² Chernoff PFA (the paper's method).
+    Tree,
+    /// Binomial window test (window at the finest scale, probability q of a normal z²).
+    Block { window: usize, probability: f64 },
+}
+
+/// Everything needed to rebuild a U-Flow model. The default is the CPU preset: the paper's two
+/// scales (one octave apart) from MobileNetV2 at strides 8 and 16 of the image at its native
+/// 128 pixels, 4 steps per stage; it fits a 32-image PIPED class in seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UflowSettings {
+    pub backbone: BackboneKind,
+    /// Backbone weights; `None` looks for the shipped ones (`vigil_backbones::default_weights_path`).
+    pub weights: Option<PathBuf>,
+    /// Backbone layers, finest first; each must have twice the stride of the previous one.
+    pub layers: Vec<String>,
+    /// Square side images are resized to before the backbone.
+    pub input_size: usize,
+    pub flow_steps: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// The learning rate decays linearly from 1 to this factor over the whole fit.
+    pub lr_end_factor: f64,
+    pub segmentation: Segmentation,
+    /// The paper's MS-CaiT extractor; when set it replaces `backbone`, `weights`, `layers` and
+    /// `input_size` (the transformers fix their own input sizes, 448 and 224).
+    pub ms_cait: Option<MsCaitWeights>,
+}
+
+/// timm-named safetensors of the two MS-CaiT transformers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsCaitWeights {
+    /// `cait_m48_448` (blocks beyond 40 are ignored).
+    pub m48: PathBuf,
+    /// `cait_s24_224` (blocks beyond 20 are ignored).
+    pub s24: PathBuf,
+}
+
+impl Default for UflowSettings {
+    fn default() -> Self {
+        UflowSettings {
+            backbone: BackboneKind::MobileNetV2,
+            weights: None,
+            layers: vec!["features.6".into(), "features.13".into()],
+            input_size: 128,
+            flow_steps: 4,
+            epochs: 60,
+            batch_size: 8,
+            learning_rate: 1e-3,
+            weight_decay: 1e-5,
+            lr_end_factor: 0.4,
+            segmentation: Segmentation::Tree,
+            ms_cait: None,
+        }
+    }
+}
+
+impl UflowSettings {
+    /// The same preset on EfficientNet-Lite0 taps at strides 8 and 16.
+    pub fn efficientnet_lite0() -> Self {
+        UflowSettings {
+            backbone: BackboneKind::EfficientNetLite0,
+            layers: vec!["_blocks.4".into(), "_blocks.10".into()],
+            ..UflowSettings::default()
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(VigilError::Config(format!("uflow: {m}")));
+        if self.layers.is_empty() {
+            return bad("at least one backbone layer is needed".into());
+        }
+        if self.input_size == 0 || self.flow_steps == 0 || self.epochs == 0 || self.batch_size == 0 {
+            return bad("input_size, flow_steps, epochs and batch_size must be positive".into());
+        }
+        // Written so that NaN fails too.
+        let rates_valid = self.learning_rate > 0.0 && self.lr_end_factor > 0.0 && self.weight_decay >= 0.0;
+        if !rates_valid {
+            return bad("learning_rate and lr_end_factor must be > 0, weight_decay >= 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Per-channel mean and standard deviation of the training features of one scale.
+#[derive(Clone, Debug)]
+struct Standardizer {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+enum Extractor {
+    Cnn { backbone: Box<Backbone>, layers: Vec<String>, input_size: usize },
+    MsCait(Box<MsCait>),
+}
+
+/// The frozen feature side of the model.
+struct Features {
+    extractor: Extractor,
+    /// (channels, side) per scale, finest first.
+    shapes: Vec<(usize, usize)>,
+}
+
+impl Features {
+    fn new(settings: &UflowSettings) -> Result<Self> {
+        if let Some(weights) = &settings.ms_cait {
+            let extractor = MsCait::load(&weights.m48, &weights.s24)?;
+            return Ok(Features {
+                shapes: extractor.scales(),
+                extractor: Extractor::MsCait(Box::new(extractor)),
+            });
+        }
+        let weights = match &settings.weights {
+            Some(path) => path.clone(),
+            None => default_weights_path(settings.backbone).ok_or_else(|| {
+                VigilError::Config(format!(
+                    "uflow: no weights for backbone {} (set `weights` or VIGIL_WEIGHTS_DIR)",
+                    settings.backbone
+                ))
+            })?,
+        };
+        let backbone = Backbone::load(settings.backbone, &weights)?;
+        let mut shapes = Vec::new();
+        let mut previous_stride = None;
+        for layer in &settings.layers {
+            let (channels, stride) = backbone.layer_info(layer)?;
+            if previous_stride.is_some_and(|p| stride != 2 * p) {
+                return Err(VigilError::Config(format!(
+                    "uflow: layer {layer} has stride {stride}; each layer needs twice the previous stride"
+                )));
+            }
+            if !settings.input_size.is_multiple_of(stride) {
+                return Err(VigilError::Config(format!(
+                    "uflow: input size {} is not a multiple of layer {layer}'s stride {stride}",
+                    settings.input_size
+                )));
+            }
+            previous_stride = Some(stride);
+            shapes.push((channels, settings.input_size / stride));
+        }
+        let extractor = Extractor::Cnn {
+            backbone: Box::new(backbone),
+            layers: settings.layers.clone(),
+            input_size: settings.input_size,
+        };
+        Ok(Features { extractor, shapes })
+    }
+
+    /// Raw features per image and scale, each channel-major.
+    fn extract(&self, images: &[Image]) -> Result<Vec<Vec<Vec<f32>>>> {
+        let maps = match &self.extractor {
+            Extractor::Cnn { backbone, layers, input_size } => {
+                backbone.extract(images, layers, (*input_size, *input_size))?
+            }
+            Extractor::MsCait(extractor) => extractor.extract(images)?,
+        };
+        Ok(maps.into_iter().map(|per_scale| per_scale.into_iter().map(|m| m.data).collect()).collect())
+    }
+}
+
+/// Standardises one scale in place.
+fn standardize(data: &mut [f32], s: &Standardizer) {
+    let plane = data.len() / s.mean.len();
+    for (c, values) in data.chunks_exact_mut(plane).enumerate() {
+        for v in values {
+            *v = (*v - s.mean[c]) * s.inv_std[c];
+        }
+    }
+}
+
+fn fit_standardizer(images: &[Vec<Vec<f32>>], scale: usize, channels: usize) -> Standardizer {
+    let mut sum = vec![0f64; channels];
+    let mut sum_sq = vec![0f64; channels];
+    let mut count = 0usize;
+    for image in images {
+        let data = &image[scale];
+        let plane = data.len() / channels;
+        count += plane;
+        for (c, values) in data.chunks_exact(plane).enumerate() {
+            for &v in values {
+                sum[c] += v as f64;
+                sum_sq[c] += (v as f64) * (v as f64);
+            }
+        }
+    }
+    let mean: Vec<f64> = sum.iter().map(|s| s / count as f64).collect();
+    // Dead channels (ReLU6 zeros) have no variance; a floor keeps them finite and near zero.
+    let inv_std = sum_sq
+        .iter()
+        .zip(&mean)
+        .map(|(sq, m)| (1.0 / (sq / count as f64 - m * m).max(1e-6).sqrt()) as f32)
+        .collect();
+    Standardizer { mean: mean.iter().map(|&m| m as f32).collect(), inv_std }
+}
+
+/// Wall time of the last [`UflowDetector::score_timed`] call, split by phase.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScoreTiming {
+    /// Backbone, flow and anomaly map.
+    pub flow: Duration,
+    /// The NFA segmentation alone.
+    pub nfa: Duration,
+}
+
+/// U-Flow: [`Detector`] with method name "uflow".
+pub struct UflowDetector {
+    settings: UflowSettings,
+    features: Option<Features>,
+    standardizers: Vec<Standardizer>,
+    flow: Option<UFlow>,
+    /// Mean loss per latent dimension of each epoch of the last fit.
+    pub loss_history: Vec<f32>,
+}
+
+fn batch_tensor(
+    images: &[&Vec<Vec<f32>>],
+    scale: usize,
+    shape: (usize, usize),
+    device: &Device,
+) -> Tensor<4> {
+    let (channels, side) = shape;
+    let mut data = Vec::with_capacity(images.len() * channels * side * side);
+    for image in images {
+        data.extend_from_slice(&image[scale]);
+    }
+    Tensor::from_data(TensorData::new(data, [images.len(), channels, side, side]), device)
+}
+
+fn tensor_values(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor")
+}
+
+impl UflowDetector {
+    pub fn new(settings: UflowSettings) -> Self {
+        UflowDetector {
+            settings,
+            features: None,
+            standardizers: Vec::new(),
+            flow: None,
+            loss_history: Vec::new(),
+        }
+    }
+
+    /// Rebuilds a fitted model from [`Detector::settings`] and [`Detector::state`].
+    pub fn load(settings: &serde_json::Value, state: &TensorBag) -> Result<Self> {
+        let settings: UflowSettings = serde_json::from_value(settings.clone())
+            .map_err(|e| VigilError::Model(format!("uflow settings: {e}")))?;
+        settings.validate()?;
+        let features = Features::new(&settings)?;
+        let mut standardizers = Vec::new();
+        for (l, &(channels, _)) in features.shapes.iter().enumerate() {
+            standardizers.push(Standardizer {
+                mean: state.f32(&format!("features.scale{l}.mean"), Some(&[channels]))?,
+                inv_std: state.f32(&format!("features.scale{l}.inv_std"), Some(&[channels]))?,
+            });
+        }
+        let shape = UFlowShape {
+            feature_channels: features.shapes.iter().map(|s| s.0).collect(),
+            steps_per_stage: settings.flow_steps,
+        };
+        let flow = UFlow::load(&shape, state, &Device::flex())?;
+        Ok(UflowDetector {
+            settings,
+            features: Some(features),
+            standardizers,
+            flow: Some(flow),
+            loss_history: Vec::new(),
+        })
+    }
+
+    pub fn settings_struct(&self) -> &UflowSettings {
+        &self.settings
+    }
+
+    fn fitted(&self) -> Result<(&Features, &UFlow)> {
+        match (&self.features, &self.flow) {
+            (Some(f), Some(flow)) => Ok((f, flow)),
+            _ => Err(VigilError::Model("uflow: score called before fit or load".into())),
+        }
+    }
+
+    /// Latents (finest first) of one image, each as (data channel-major, channels, side).
+    fn latents(&self, image: &Image) -> Result<Vec<(Vec<f32>, usize, usize)>> {
+        let (features, flow) = self.fitted()?;
+        let mut raw = features.extract(std::slice::from_ref(image))?.remove(0);
+        let device = Device::flex();
+        let inputs = raw
+            .iter_mut()
+            .enumerate()
+            .map(|(l, data)| {
+                standardize(data, &self.standardizers[l]);
+                let (c, side) = features.shapes[l];
+                Tensor::from_data(TensorData::new(data.clone(), [1, c, side, side]), &device)
+            })
+            .collect();
+        let (latents, _) = flow.forward(inputs);
+        Ok(latents
+            .into_iter()
+            .map(|z| {
+                let [_, c, side, _] = z.dims();
+                (tensor_values(z), c, side)
+            })
+            .collect())
+    }
+
+    /// [`Detector::score`] with the time spent in the flow and in the NFA.
+    pub fn score_timed(&self, image: &Image) -> Result<(ScoreOutput, ScoreTiming)> {
+        let start = Instant::now();
+        let latents = self.latents(image)?;
+        let (w, h) = (image.width, image.height);
+        // AS = 1 − mean_l up(exp(−½ mean_c z²)).
+        let mut likelihood = Map::filled(w, h, 0.0);
+        let mut chi2 = Vec::with_capacity(latents.len());
+        for (data, c, side) in &latents {
+            let mut u = vec![0f32; side * side];
+            for plane in data.chunks_exact(side * side) {
+                for (acc, z) in u.iter_mut().zip(plane) {
+                    *acc += z * z;
+                }
+            }
+            let p: Vec<f32> = u.iter().map(|s| (-0.5 * s / *c as f32).exp()).collect();
+            let up = Map { width: *side, height: *side, data: p }.resize_bilinear(w, h);
+            for (acc, v) in likelihood.data.iter_mut().zip(&up.data) {
+                *acc += v / latents.len() as f32;
+            }
+            chi2.push(Chi2Map { u: Map { width: *side, height: *side, data: u }, dof: *c });
+        }
+        let map = Map { width: w, height: h, data: likelihood.data.iter().map(|p| 1.0 - p).collect() };
+        map.check_finite("uflow")?;
+        let flow_time = start.elapsed();
+
+        let start = Instant::now();
+        let log10_nfa = match self.settings.segmentation {
+            Segmentation::Tree => tree_log10_nfa(&chi2, w, h)?,
+            Segmentation::Block { window, probability } => {
+                let views: Vec<Latent> = latents
+                    .iter()
+                    .map(|(data, c, side)| Latent { data, channels: *c, width: *side, height: *side })
+                    .collect();
+                BlockNfa { window, probability }.log10_nfa(&views, w, h)?
+            }
+        };
+        let nfa_time = start.elapsed();
+        let image_score = map.max();
+        Ok((
+            ScoreOutput { map, image_score: Some(image_score), log10_nfa: Some(log10_nfa) },
+            ScoreTiming { flow: flow_time, nfa: nfa_time },
+        ))
+    }
+}
+
+/// Trains a U-Flow on standardised features (`images[i][scale]`, channel-major, shapes
+/// (channels, side) finest first). Returns the inference-side flow and the mean loss per latent
+/// dimension of each epoch.
+pub fn train_flow(
+    settings: &UflowSettings,
+    images: &[Vec<Vec<f32>>],
+    shapes: &[(usize, usize)],
+    ctx: &FitContext,
+) -> Result<(UFlow, Vec<f32>)> {
+    settings.validate()?;
+    if images.is_empty() {
+        return Err(VigilError::invalid("uflow: no training images"));
+    }
+    for (i, image) in images.iter().enumerate() {
+        let ok =
+            image.len() == shapes.len() && image.iter().zip(shapes).all(|(d, (c, s))| d.len() == c * s * s);
+        if !ok {
+            return Err(VigilError::invalid(format!(
+                "uflow: features of training image {i} do not match the scales"
+            )));
+        }
+    }
+    let shape = UFlowShape {
+        feature_channels: shapes.iter().map(|s| s.0).collect(),
+        steps_per_stage: settings.flow_steps,
+    };
+    let device = Device::flex().autodiff();
+    let mut flow = UFlow::new(&shape, ctx.seed, &device)?;
+    let mut optimizer = AdamConfig::new()
+        .with_weight_decay(Some(WeightDecayConfig::new(settings.weight_decay as f32)))
+        .init();
+    let dims_per_image: usize = shapes.iter().map(|(c, s)| c * s * s).sum();
+    let batches_per_epoch = images.len().div_ceil(settings.batch_size);
+    let total_steps = (settings.epochs * batches_per_epoch) as f64;
+    let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed);
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    let progress = ctx.show_progress.then(|| vigil_core::progress::bar(settings.epochs as u64, "uflow"));
+    let mut losses = Vec::with_capacity(settings.epochs);
+    let mut step = 0usize;
+    for _ in 0..settings.epochs {
+        order.shuffle(&mut rng);
+        let mut epoch_loss = 0.0;
+        for batch in order.chunks(settings.batch_size) {
+            let batch_images: Vec<&Vec<Vec<f32>>> = batch.iter().map(|&i| &images[i]).collect();
+            let inputs =
+                (0..shapes.len()).map(|l| batch_tensor(&batch_images, l, shapes[l], &device)).collect();
+            let (latents, log_det) = flow.forward(inputs);
+            let loss = nll_loss(&latents, log_det);
+            let value = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                return Err(VigilError::Model(format!("uflow: training loss became {value} at step {step}")));
+            }
+            epoch_loss += value * batch.len() as f32;
+            let grads = GradientsParams::from_grads(loss.backward(), &flow);
+            // PyTorch LinearLR: factor 1 → lr_end_factor over all steps.
+            let factor = 1.0 + (settings.lr_end_factor - 1.0) * step as f64 / total_steps;
+            flow = optimizer.step(settings.learning_rate * factor, flow, grads);
+            step += 1;
+        }
+        losses.push(epoch_loss / (images.len() * dims_per_image) as f32);
+        if let Some(bar) = &progress {
+            bar.inc(1);
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    // Inference runs without the autodiff graph: rebuild the flow from its learned state.
+    let mut bag = TensorBag::new();
+    flow.save(&mut bag);
+    Ok((UFlow::load(&shape, &bag, &Device::flex())?, losses))
+}
+
+impl Detector for UflowDetector {
+    fn method(&self) -> &'static str {
+        "uflow"
+    }
+
+    fn channel_mode(&self) -> ChannelMode {
+        ChannelMode::Rgb
+    }
+
+    fn fit(&mut self, train: &dyn ImageSource, ctx: &FitContext) -> Result<()> {
+        self.settings.validate()?;
+        if train.is_empty() {
+            return Err(VigilError::invalid("uflow: no training images"));
+        }
+        let features = Features::new(&self.settings)?;
+        let mut extracted = Vec::with_capacity(train.len());
+        let chunk: Vec<usize> = (0..train.len()).collect();
+        for indices in chunk.chunks(8) {
+            let images = indices.iter().map(|&i| train.load(i)).collect::<Result<Vec<_>>>()?;
+            extracted.extend(features.extract(&images)?);
+        }
+        let standardizers: Vec<Standardizer> = features
+            .shapes
+            .iter()
+            .enumerate()
+            .map(|(l, &(c, _))| fit_standardizer(&extracted, l, c))
+            .collect();
+        for image in extracted.iter_mut() {
+            for (l, data) in image.iter_mut().enumerate() {
+                standardize(data, &standardizers[l]);
+            }
+        }
+
+        let (flow, losses) = train_flow(&self.settings, &extracted, &features.shapes, ctx)?;
+        self.loss_history = losses;
+        self.flow = Some(flow);
+        self.standardizers = standardizers;
+        self.features = Some(features);
+        Ok(())
+    }
+
+    fn score(&self, image: &Image, _ignore: Option<&Mask>) -> Result<ScoreOutput> {
+        // The flow scores each position from its own receptive field and keeps no image-level
+        // statistics, so an ignore mask has nothing to leave out here; the pipeline masks the map.
+        Ok(self.score_timed(image)?.0)
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn state(&self) -> Result<TensorBag> {
+        let (_, flow) = self.fitted()?;
+        let mut bag = TensorBag::new();
+        flow.save(&mut bag);
+        for (l, s) in self.standardizers.iter().enumerate() {
+            bag.put_f32(&format!("features.scale{l}.mean"), &[s.mean.len()], s.mean.clone());
+            bag.put_f32(&format!("features.scale{l}.inv_std"), &[s.inv_std.len()], s.inv_std.clone());
+        }
+        Ok(bag)
+    }
+
+    fn default_threshold(&self) -> Option<ThresholdKind> {
+        Some(ThresholdKind::Nfa { k: 0.0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rand::Rng;
+
+    use super::*;
+
+    fn shared_dir() -> Option<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+        if dir.is_dir() {
+            Some(dir)
+        } else {
+            println!("skipped: {} is absent", dir.display());
+            None
+        }
+    }
+
+    /// Features with structure a flow can learn: a per-image latent factor shared by all
+    /// channels plus small noise, far from the standard normal the flow starts at.
+    fn synthetic_features(n: usize, shapes: &[(usize, usize)], seed: u64) -> Vec<Vec<Vec<f32>>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let factor: f32 = rng.gen_range(-3.0..3.0);
+                shapes
+                    .iter()
+                    .map(|&(c, s)| {
+                        (0..c * s * s)
+                            .map(|i| factor * (1.0 + (i % c) as f32) + rng.gen_range(-0.1..0.1))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tiny_u_flow_training_lowers_the_loss() {
+        let shapes = [(4, 4), (8, 2)];
+        let images = synthetic_features(8, &shapes, 1);
+        let settings = UflowSettings {
+            epochs: 6,
+            batch_size: 4,
+            learning_rate: 1e-2,
+            flow_steps: 2,
+            ..UflowSettings::default()
+        };
+        let (flow, losses) = train_flow(&settings, &images, &shapes, &FitContext::default()).unwrap();
+        assert_eq!(losses.len(), 6);
+        assert!(losses.iter().all(|l| l.is_finite()));
+        assert!(losses[5] < 0.8 * losses[0], "loss did not fall: {losses:?}");
+        assert_eq!(flow.shape().feature_channels, vec![4, 8]);
+        // Same seed, same training.
+        let (_, again) = train_flow(&settings, &images, &shapes, &FitContext::default()).unwrap();
+        assert_eq!(losses, again);
+    }
+
+    #[test]
+    fn training_rejects_mismatched_features() {
+        let shapes = [(4, 4), (8, 2)];
+        let mut images = synthetic_features(2, &shapes, 1);
+        images[1][0].pop();
+        assert!(train_flow(&UflowSettings::default(), &images, &shapes, &FitContext::default()).is_err());
+        assert!(train_flow(&UflowSettings::default(), &[], &shapes, &FitContext::default()).is_err());
+    }
+
+    #[test]
+    fn settings_round_trip_and_reject_unknown_fields() {
+        let settings = UflowSettings {
+            segmentation: Segmentation::Block { window: 7, probability: 0.5 },
+            ..UflowSettings::efficientnet_lite0()
+        };
+        let json = serde_json::to_value(&settings).unwrap();
+        assert_eq!(serde_json::from_value::<UflowSettings>(json).unwrap(), settings);
+        let bad = serde_json::json!({ "epochs": 3, "epoch": 4 });
+        assert!(UflowDetector::load(&bad, &TensorBag::new()).is_err());
+        let zero = serde_json::json!({ "batch_size": 0 });
+        assert!(UflowDetector::load(&zero, &TensorBag::new()).is_err());
+        let missing = serde_json::json!({ "ms_cait": { "m48": "/nonexistent/m48.safetensors", "s24": "/nonexistent/s24.safetensors" } });
+        let err = UflowDetector::load(&missing, &TensorBag::new()).err().unwrap();
+        assert!(err.to_string().contains("m48.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn unfitted_detector_refuses_to_score() {
+        let detector = UflowDetector::new(UflowSettings::default());
+        assert!(detector.score(&Image::zeros(8, 8, 3), None).is_err());
+        assert!(detector.state().is_err());
+        assert_eq!(detector.default_threshold(), Some(ThresholdKind::Nfa { k: 0.0 }));
+    }
+
+    #[test]
+    fn fits_a_piped_class_scores_and_reloads() {
+        let Some(shared) = shared_dir() else { return };
+        let class = shared.join("data/piped/PA_BDP01_TL");
+        let load = |dir: &str, count: usize| -> Vec<Image> {
+            let mut paths: Vec<PathBuf> =
+                std::fs::read_dir(class.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
+            paths.sort();
+            paths.iter().take(count).map(|p| vigil_data::io::load_image(p).unwrap().to_rgb()).collect()
+        };
+        let train = vigil_core::InMemorySource::new(load("train/good", 8));
+        let settings = UflowSettings { epochs: 2, ..UflowSettings::default() };
+        let mut detector = UflowDetector::new(settings);
+        detector.fit(&train, &FitContext::default()).unwrap();
+        assert_eq!(detector.loss_history.len(), 2);
+
+        let image = load("test/impurity", 1).remove(0);
+        let out = detector.score(&image, None).unwrap();
+        assert_eq!((out.map.width, out.map.height), (image.width, image.height));
+        let nfa = out.log10_nfa.as_ref().unwrap();
+        assert_eq!((nfa.width, nfa.height), (image.width, image.height));
+        nfa.check_finite("nfa").unwrap();
+        assert!(out.map.data.iter().all(|&v| (0.0..=1.0).contains(&v)));
+        assert_eq!(out.image_score, Some(out.map.max()));
+
+        let reloaded = UflowDetector::load(&detector.settings(), &detector.state().unwrap()).unwrap();
+        let again = reloaded.score(&image, None).unwrap();
+        assert_eq!(again.map, out.map);
+        assert_eq!(again.log10_nfa, out.log10_nfa);
+    }
+}
