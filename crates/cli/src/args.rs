@@ -58,6 +58,11 @@ pub struct PipelineArgs {
     /// `after` sets it to the map's background level after scoring (default: after).
     #[arg(long)]
     pub ignore_mode: Option<String>,
+    /// Align every image to this reference image before scoring (ORB features + RANSAC homography), for a
+    /// camera that may have moved (line clearance). Maps are returned in each image's own frame; parts of the
+    /// image the reference does not cover are left at the map's background level. Not combined with --tile.
+    #[arg(long)]
+    pub register: Option<PathBuf>,
     /// How an image score is made from its map when the method has no score of its own:
     /// `max`, `mean`, or `mean-filter-max:K` (max after a KxK mean filter; DRAEM uses 21). Default: method's own,
     /// else max.

@@ -24,13 +24,22 @@ fn parse_settings<S: DeserializeOwned>(v: &Value) -> Result<S> {
 }
 
 pub fn registry() -> Vec<MethodEntry> {
-    vec![MethodEntry {
+    vec![
+    MethodEntry {
         name: "acontrario",
         summary: "A contrario multi-scale detector (thesis ch. 3): Patch-PCA or Gabor features, Mahalanobis \
                   distance, number of false alarms; threshold NFA <= 1 needs no labelled anomaly.",
         default_settings: defaults::<vigil_acontrario::AcontrarioSettings>,
         build: |v| Ok(Box::new(vigil_acontrario::AcontrarioDetector::new(parse_settings(v)?))),
         load: |v, s| Ok(Box::new(vigil_acontrario::AcontrarioDetector::load(v, s)?)),
+    },
+    MethodEntry {
+        name: "uflow",
+        summary: "U-Flow (thesis ch. 5): U-shaped normalizing flow on multi-scale pretrained features; a contrario \
+                  segmentation on the max-tree of the latent, so NFA <= 1 is the threshold.",
+        default_settings: defaults::<vigil_uflow::UflowSettings>,
+        build: |v| Ok(Box::new(vigil_uflow::UflowDetector::new(parse_settings(v)?))),
+        load: |v, s| Ok(Box::new(vigil_uflow::UflowDetector::load(v, s)?)),
     }]
 }
 

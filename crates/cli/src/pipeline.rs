@@ -14,6 +14,7 @@ use vigil_data::dataset::{validation_split, Dataset, TestItem};
 use vigil_data::ignore::IgnoreMode;
 use vigil_data::source::{BadFilePolicy, FileSource, SourceOptions};
 use vigil_data::tiling::TiledSource;
+use vigil_data::{Registration, RegistrationSettings};
 use vigil_metrics::ImageScoreReduction;
 
 use crate::args::{FitArgs, PipelineArgs};
@@ -31,6 +32,8 @@ pub struct PipelineSettings {
     /// Channels of the training images as the method saw them; test images are converted to match
     /// (a grayscale image given to a colour model is replicated, a colour one to a gray model is reduced).
     pub channels: Option<usize>,
+    /// Source of the registration reference (informational; the reference itself is stored in the model state).
+    pub register_path: Option<PathBuf>,
 }
 
 /// A ready-to-score pipeline: settings plus the loaded ignore mask.
@@ -38,6 +41,8 @@ pub struct Pipeline {
     pub settings: PipelineSettings,
     pub ignore: Option<Mask>,
     pub policy: BadFilePolicy,
+    /// The reference view every image is aligned to, and its prepared features.
+    pub registration: Option<(Image, Registration)>,
 }
 
 /// One scored image.
@@ -48,6 +53,13 @@ pub struct Scored {
 }
 
 pub const IGNORE_TENSOR: &str = "pipeline.ignore_mask";
+pub const REFERENCE_TENSOR: &str = "pipeline.registration_reference";
+
+fn registration_for(reference: Image) -> Result<(Image, Registration)> {
+    let reg = Registration::new(&reference, RegistrationSettings::default())
+        .context("cannot use this image as the registration reference")?;
+    Ok((reference, reg))
+}
 
 impl Pipeline {
     pub fn from_args(args: &PipelineArgs) -> Result<Pipeline> {
@@ -84,7 +96,17 @@ impl Pipeline {
                 bail!("--overlap must be smaller than --tile");
             }
         }
+        if args.register.is_some() && args.tile.is_some() {
+            bail!("--register and --tile cannot be combined: register whole views, tile very large images");
+        }
+        let registration = match &args.register {
+            Some(p) => Some(
+                registration_for(vigil_data::io::load_image(p)?).with_context(|| p.display().to_string())?,
+            ),
+            None => None,
+        };
         Ok(Pipeline {
+            registration,
             settings: PipelineSettings {
                 tile: args.tile,
                 overlap: args.overlap.unwrap_or(0),
@@ -92,6 +114,7 @@ impl Pipeline {
                 ignore_path: args.ignore.clone(),
                 image_score,
                 channels: None,
+                register_path: args.register.clone(),
             },
             ignore,
             policy: if args.skip_bad { BadFilePolicy::Skip } else { BadFilePolicy::Stop },
@@ -108,6 +131,12 @@ impl Pipeline {
             p.settings.overlap = stored.overlap;
         }
         p.settings.channels = stored.channels;
+        if args.register.is_none() && stored.register_path.is_some() {
+            let shape = model.state.shape(REFERENCE_TENSOR)?.to_vec();
+            let data = model.state.f32(REFERENCE_TENSOR, None)?;
+            p.registration = Some(registration_for(Image::new(shape[2], shape[1], shape[0], data)?)?);
+            p.settings.register_path = stored.register_path;
+        }
         if p.settings.image_score.is_none() {
             p.settings.image_score = stored.image_score;
         }
@@ -137,8 +166,45 @@ impl Pipeline {
         }
     }
 
-    /// Score one image (already loaded) with the detector through tiling and ignore masks.
+    /// Score one image (already loaded) with the detector through registration, tiling and ignore masks.
+    /// The map is in the image's own frame.
     pub fn score(&self, det: &dyn Detector, image: &Image, name: &str) -> Result<Scored> {
+        let Some((_, registration)) = &self.registration else {
+            return self.score_aligned(det, image, name, None);
+        };
+        let registered = registration.register(image).with_context(|| format!("{name}: registration"))?;
+        let unseen = Mask {
+            width: registered.valid.width,
+            height: registered.valid.height,
+            data: registered.valid.data.iter().map(|&v| !v).collect(),
+        };
+        let scored = self.score_aligned(det, &registered.image, name, Some(&unseen))?;
+        // Back to the image's frame: the map follows the inverse of the image-to-reference homography.
+        let back = vigil_data::registration::invert_homography(&registered.homography)
+            .ok_or_else(|| anyhow!("{name}: registration gave a singular homography"))?;
+        let to_image_frame = |map: &Map, fill: f32| -> Result<Map> {
+            let plane = Image::new(map.width, map.height, 1, map.data.clone())?;
+            let (warped, seen) = vigil_data::warp_perspective(&plane, &back, image.width, image.height)?;
+            let data = warped.data.iter().zip(&seen.data).map(|(&v, &s)| if s { v } else { fill }).collect();
+            Ok(Map::new(image.width, image.height, data)?)
+        };
+        let map = to_image_frame(&scored.map, scored.map.min())?;
+        let log10_nfa = match &scored.log10_nfa {
+            Some(n) => Some(to_image_frame(n, n.max().max(1.0))?),
+            None => None,
+        };
+        Ok(Scored { map, image_score: scored.image_score, log10_nfa })
+    }
+
+    /// Score an image already in the reference frame; `unseen` marks pixels outside its field of view,
+    /// which are treated like ignored pixels after scoring.
+    fn score_aligned(
+        &self,
+        det: &dyn Detector,
+        image: &Image,
+        name: &str,
+        unseen: Option<&Mask>,
+    ) -> Result<Scored> {
         let image = match (self.settings.channels, det.channel_mode().convert(image)) {
             (Some(3), i) if i.channels != 3 => i.to_rgb(),
             (Some(1), i) if i.channels != 1 => i.to_gray(),
@@ -168,7 +234,11 @@ impl Pipeline {
         }
         map.check_finite(name)?;
         let mut own_score = own_score;
-        if let (Some(ignore), Some(IgnoreMode::After)) = (&ignore, self.settings.ignore_mode) {
+        let after = match (ignore.as_ref().filter(|_| !before), unseen) {
+            (Some(a), Some(b)) => Some(union(a, b)),
+            (a, b) => a.or(b).cloned(),
+        };
+        if let Some(ignore) = &after {
             vigil_data::ignore::apply_after(&mut map, ignore)?;
             // The method's own score saw the ignored pixels: the score must come from the masked map.
             own_score = None;
@@ -184,7 +254,7 @@ impl Pipeline {
         Ok(Scored { map, image_score, log10_nfa: nfa })
     }
 
-    pub fn source(&self, paths: Vec<PathBuf>, det: &dyn Detector) -> Result<Box<dyn ImageSource>> {
+    pub fn source(&self, paths: Vec<PathBuf>, det: &dyn Detector) -> Result<Box<dyn ImageSource + '_>> {
         let ignore =
             self.ignore.clone().filter(|_| matches!(self.settings.ignore_mode, Some(IgnoreMode::Before)));
         let options =
@@ -193,10 +263,58 @@ impl Pipeline {
         for (path, err) in source.skipped() {
             eprintln!("warning: skipped {}: {err}", path.display());
         }
-        Ok(match self.settings.tile {
-            Some(tile) => Box::new(TiledSource::new(source, tile, self.settings.overlap)?),
-            None => Box::new(source),
+        Ok(match (self.settings.tile, &self.registration) {
+            (Some(tile), _) => Box::new(TiledSource::new(source, tile, self.settings.overlap)?),
+            (None, Some((_, registration))) => Box::new(RegisteredSource { inner: source, registration }),
+            (None, None) => Box::new(source),
         })
+    }
+}
+
+fn union(a: &Mask, b: &Mask) -> Mask {
+    Mask {
+        width: a.width,
+        height: a.height,
+        data: a.data.iter().zip(&b.data).map(|(&x, &y)| x || y).collect(),
+    }
+}
+
+/// Training images aligned to the registration reference. Pixels outside an image's field of view
+/// join the "before" ignore mask, so they never enter the method's statistics.
+struct RegisteredSource<'a> {
+    inner: FileSource,
+    registration: &'a Registration,
+}
+
+impl RegisteredSource<'_> {
+    fn registered(&self, index: usize) -> vigil_core::Result<vigil_data::Registered> {
+        let image = self.inner.load(index)?;
+        self.registration
+            .register(&image)
+            .map_err(|e| vigil_core::VigilError::file(self.inner.name(index), format!("registration: {e}")))
+    }
+}
+
+impl ImageSource for RegisteredSource<'_> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn name(&self, index: usize) -> String {
+        self.inner.name(index)
+    }
+    fn load(&self, index: usize) -> vigil_core::Result<Image> {
+        Ok(self.registered(index)?.image)
+    }
+    fn ignore_mask(&self, index: usize) -> Option<Mask> {
+        let unseen = self.registered(index).ok().map(|r| Mask {
+            width: r.valid.width,
+            height: r.valid.height,
+            data: r.valid.data.iter().map(|&v| !v).collect(),
+        });
+        match (self.inner.ignore_mask(index), unseen) {
+            (Some(a), Some(b)) => Some(union(&a, &b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -406,16 +524,19 @@ pub fn fit(
     let mut detector = spec.build()?;
     let (fit_paths, val_paths) = validation_split(&train_paths, opts.val_fraction, opts.seed);
     let n_fit = fit_paths.len();
-    let source = pipeline.source(fit_paths, detector.as_ref())?;
-    if source.is_empty() {
-        bail!("no usable training image");
-    }
-    pipeline.settings.channels = Some(source.load(0)?.channels);
-    let ctx =
-        FitContext { seed: opts.seed, checkpoint_dir: opts.checkpoint_dir.clone(), show_progress: true };
-    let start = Instant::now();
-    detector.fit(source.as_ref(), &ctx)?;
-    let fit_seconds = start.elapsed().as_secs_f64();
+    let (fit_seconds, channels) = {
+        let source = pipeline.source(fit_paths, detector.as_ref())?;
+        if source.is_empty() {
+            bail!("no usable training image");
+        }
+        let channels = source.load(0)?.channels;
+        let ctx =
+            FitContext { seed: opts.seed, checkpoint_dir: opts.checkpoint_dir.clone(), show_progress: true };
+        let start = Instant::now();
+        detector.fit(source.as_ref(), &ctx)?;
+        (start.elapsed().as_secs_f64(), channels)
+    };
+    pipeline.settings.channels = Some(channels);
 
     // Score the validation images: held-out normals, then any labelled anomalous ones.
     let mut image_val = ValidationScores::default();
@@ -486,6 +607,13 @@ pub fn fit(
     };
 
     let mut state = detector.state()?;
+    if let Some((reference, _)) = &pipeline.registration {
+        state.put_f32(
+            REFERENCE_TENSOR,
+            &[reference.channels, reference.height, reference.width],
+            reference.data.clone(),
+        );
+    }
     if let Some(m) = &pipeline.ignore {
         state.put_f32(
             IGNORE_TENSOR,

@@ -319,3 +319,55 @@ fn f1_threshold_needs_and_uses_labelled_anomalies() {
     ]);
     assert_eq!(out.matches("F1-optimal").count(), 2, "image and pixel thresholds are F1-optimal: {out}");
 }
+
+/// A scene of random rectangles (plenty of corners for ORB) seen through a nudged camera:
+/// `w`x`h` windows at small random offsets.
+fn nudged_views(dir: &Path, n: usize, seed: u64, (w, h): (u32, u32)) -> Vec<PathBuf> {
+    let mut scene_rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let mut scene = image::GrayImage::from_pixel(150, 150, image::Luma([128]));
+    for _ in 0..60 {
+        let (x, y) = (scene_rng.gen_range(0..140u32), scene_rng.gen_range(0..140u32));
+        let (rw, rh) = (scene_rng.gen_range(4..14u32), scene_rng.gen_range(4..14u32));
+        let v = scene_rng.gen_range(0..255u8);
+        for yy in y..(y + rh).min(150) {
+            for xx in x..(x + rw).min(150) {
+                scene.put_pixel(xx, yy, image::Luma([v]));
+            }
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let (ox, oy) = (rng.gen_range(18..=26u32), rng.gen_range(18..=26u32));
+            let path = dir.join(format!("{i:03}.png"));
+            image::imageops::crop_imm(&scene, ox, oy, w, h).to_image().save(&path).unwrap();
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn registration_aligns_views_and_returns_maps_in_each_image_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let train = root.join("train");
+    nudged_views(&train, 8, 1, (96, 96));
+    let reference = train.join("000.png");
+    let model = root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&train), "-o", s(&model), "--register", s(&reference)]);
+    // The reference travels in the model file: predict needs no --register.
+    let views = nudged_views(&root.join("views"), 2, 2, (104, 90));
+    let out = root.join("pred");
+    ok(&["predict", "--model", s(&model), "-o", s(&out), s(&views[0]), s(&views[1])]);
+    let map = vigil_data::io::load_map_tiff(&out.join("maps/000.tiff")).unwrap();
+    assert_eq!((map.width, map.height), (104, 90), "maps are in the image's own frame");
+    map.check_finite("registered map").unwrap();
+    // An image with nothing to align on is a clear error naming it.
+    let flat = root.join("flat.png");
+    image::GrayImage::from_pixel(96, 96, image::Luma([90])).save(&flat).unwrap();
+    let err = fails(&["predict", "--model", s(&model), "-o", s(&root.join("p2")), s(&flat)]);
+    assert!(err.contains("flat.png") && err.contains("registration"), "{err}");
+    let err = fails(&["fit", "-m", METHOD, "--train", s(&train), "-o", "x.vigil", "--register", s(&flat)]);
+    assert!(err.contains("flat.png"), "{err}");
+}
