@@ -65,7 +65,7 @@ impl MethodSpec {
         };
         let entry = find(name)?;
         let mut settings = (entry.default_settings)();
-        let pairs = inline.split(',').filter(|p| !p.trim().is_empty()).map(str::to_string);
+        let pairs = split_top_level(inline).into_iter().filter(|p| !p.trim().is_empty());
         for pair in pairs.chain(extra.iter().cloned()) {
             let (key, value) =
                 pair.split_once('=').ok_or_else(|| anyhow!("method parameter '{pair}' is not key=value"))?;
@@ -109,6 +109,26 @@ fn diff_settings(prefix: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Split `a=1,b=[x,y],c="p,q"` at the commas that are not inside brackets or quotes.
+fn split_top_level(text: &str) -> Vec<String> {
+    let (mut parts, mut current, mut depth, mut quoted) = (Vec::new(), String::new(), 0i32, false);
+    for c in text.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '[' | '{' if !quoted => depth += 1,
+            ']' | '}' if !quoted => depth -= 1,
+            ',' if !quoted && depth == 0 => {
+                parts.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    parts.push(current);
+    parts
+}
+
 fn parse_value(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
 }
@@ -139,5 +159,24 @@ pub fn load(name: &str, settings: &Value, state: &TensorBag) -> Result<Box<dyn D
 pub fn print_methods() {
     for m in registry() {
         println!("{}\n  {}\n  settings (defaults): {}\n", m.name, m.summary, (m.default_settings)());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_settings_may_hold_lists() {
+        assert_eq!(split_top_level(r#"a=1,layers=["x","y"],b=2"#), vec!["a=1", r#"layers=["x","y"]"#, "b=2"]);
+        let spec = MethodSpec::parse("acontrario:feature=gabor,gabor_sizes=[7,15],scales=2", &[]).unwrap();
+        assert_eq!(spec.settings["gabor_sizes"], serde_json::json!([7, 15]));
+        assert_eq!(spec.label(), "acontrario(feature=gabor,gabor_sizes=[7,15],scales=2)");
+    }
+
+    #[test]
+    fn unknown_setting_is_named() {
+        let err = MethodSpec::parse("acontrario:featur=gabor", &[]).err().unwrap().to_string();
+        assert!(err.contains("featur"), "{err}");
     }
 }
