@@ -19,6 +19,10 @@ fn defaults<S: Default + Serialize>() -> Value {
     serde_json::to_value(S::default()).expect("settings serialise")
 }
 
+fn draem_defaults(variant: vigil_draem::Variant) -> Value {
+    serde_json::to_value(vigil_draem::DraemSettings::cpu(variant)).expect("settings serialise")
+}
+
 fn parse_settings<S: DeserializeOwned>(v: &Value) -> Result<S> {
     Ok(serde_json::from_value(v.clone())?)
 }
@@ -40,6 +44,21 @@ pub fn registry() -> Vec<MethodEntry> {
         default_settings: defaults::<vigil_uflow::UflowSettings>,
         build: |v| Ok(Box::new(vigil_uflow::UflowDetector::new(parse_settings(v)?))),
         load: |v, s| Ok(Box::new(vigil_uflow::UflowDetector::load(v, s)?)),
+    },
+    MethodEntry {
+        name: "draem",
+        summary: "DRAEM: reconstructive auto-encoder + discriminative U-Net trained on synthetic anomalies (Perlin \
+                  masks, texture source, cutout). Default: the CPU preset (64 px, narrow widths, 400 steps).",
+        default_settings: || draem_defaults(vigil_draem::Variant::Draem),
+        build: |v| Ok(Box::new(vigil_draem::DraemDetector::new(parse_settings(v)?)?)),
+        load: |v, s| Ok(Box::new(vigil_draem::DraemDetector::load(v, s)?)),
+    },
+    MethodEntry {
+        name: "draem-unetpp",
+        summary: "DRAEM with a Nested U-Net (UNet++) reconstructive sub-network (seed 000). Default: CPU preset.",
+        default_settings: || draem_defaults(vigil_draem::Variant::Unetpp),
+        build: |v| Ok(Box::new(vigil_draem::DraemDetector::new(parse_settings(v)?)?)),
+        load: |v, s| Ok(Box::new(vigil_draem::DraemDetector::load(v, s)?)),
     }]
 }
 

@@ -371,3 +371,16 @@ fn registration_aligns_views_and_returns_maps_in_each_image_frame() {
     let err = fails(&["fit", "-m", METHOD, "--train", s(&train), "-o", "x.vigil", "--register", s(&flat)]);
     assert!(err.contains("flat.png"), "{err}");
 }
+
+#[test]
+fn draem_trains_through_the_cli_with_checkpoints() {
+    let f = fixture();
+    let model = f.root.join("draem.vigil");
+    let ckpt = f.root.join("ckpt");
+    let method = "draem:steps=4,image_size=32,batch=2,checkpoint_every=2";
+    ok(&["fit", "-m", method, "--train", s(&f.data), "-o", s(&model), "--checkpoint-dir", s(&ckpt)]);
+    assert!(std::fs::read_dir(&ckpt).unwrap().count() > 0, "a checkpoint was written");
+    let out = f.root.join("t");
+    ok(&["test", "--model", s(&model), "--data", s(&f.data), "-o", s(&out)]);
+    assert!(metrics(&out)["metrics"]["pixel_auroc"].as_f64().is_some());
+}

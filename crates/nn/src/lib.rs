@@ -1,1 +1,28 @@
-//! vigil's deep-learning engine on burn.
+//! vigil's deep-learning engine on burn: what burn does not give directly and every trained
+//! method needs — differentiable SSIM and focal loss, optimiser and schedule helpers,
+//! deterministic weight initialisation, PyTorch-named weight exchange with a [`TensorBag`],
+//! exact-resume checkpoints and a small training loop.
+//!
+//! Layers (Conv2d, BatchNorm, pooling, interpolation, activations) are burn's own; they are
+//! re-exported here so methods depend on one engine crate.
+//!
+//! [`TensorBag`]: vigil_core::TensorBag
+
+pub mod checkpoint;
+pub mod device;
+pub mod init;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod state;
+pub mod train;
+
+pub use burn;
+pub use checkpoint::{optimizer_bytes, restore_optimizer, Checkpoint, RngState};
+pub use device::{default_device, training_device};
+pub use init::{init_normal, stable_param_ids};
+pub use loss::{focal_loss, l1_loss, l2_loss, ssim, ssim_loss};
+pub use optim::{adam, adamw, OptimizerSettings};
+pub use schedule::LrSchedule;
+pub use state::{load_module, module_to_bag, tensor_from_vec, tensor_to_vec};
+pub use train::{run_training, LoopConfig, LoopOutcome, LoopState, TrainTask};
