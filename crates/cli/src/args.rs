@@ -250,7 +250,13 @@ pub struct DemoArgs {
     /// Where to write the demo model, metrics and report.
     #[arg(long, short, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Method to run on the demo data (default: the a contrario detector with training statistics).
-    #[arg(long, short, default_value = "acontrario:statistics=training")]
+    /// Method to run on the demo data (default: the a contrario detector, Gabor features, statistics from
+    /// the training images).
+    #[arg(long, short, default_value = "acontrario:feature=gabor,statistics=training")]
     pub method: String,
+    /// Threshold, as for `vigil fit`. The default is the largest score of the held-out normal images: on
+    /// paper texture the NFA's independence assumptions do not hold (see BENCHMARKS.md), so NFA <= 1 would
+    /// flag every image.
+    #[arg(long, default_value = "max")]
+    pub threshold: String,
 }

@@ -8,7 +8,7 @@ use vigil_data::dataset::Dataset;
 use crate::args::BenchmarkArgs;
 use crate::methods::MethodSpec;
 use crate::pipeline::{fit, training_images, FitOptions, Pipeline};
-use crate::test_cmd::{evaluate, thresholds, write_outputs, Metrics};
+use crate::test_cmd::{evaluate_fitted, write_outputs, Metrics};
 
 const HEADERS: [&str; 16] = [
     "method",
@@ -120,16 +120,7 @@ pub fn benchmark_command(args: BenchmarkArgs) -> Result<()> {
             let opts =
                 FitOptions { val_fraction: args.val_fraction.unwrap_or(0.2), seed, ..Default::default() };
             let outcome = fit(spec, training_images(class_dir)?, pipeline, opts)?;
-            let (image_t, pixel_t) = thresholds(&outcome.model)?;
-            let eval = evaluate(
-                outcome.detector.as_ref(),
-                &outcome.pipeline,
-                &dataset.test,
-                &image_t,
-                &pixel_t,
-                false,
-                0.3,
-            )?;
+            let (eval, image_t, pixel_t) = evaluate_fitted(&outcome, &dataset.test)?;
             if args.reports {
                 let dir = out.join(sanitize(&label)).join(&dataset.name);
                 write_outputs(&dir, true, &outcome.model, &dataset.name, &eval, &image_t, &pixel_t, false)?;

@@ -9,7 +9,7 @@ use vigil_data::dataset::Dataset;
 use crate::args::{DemoArgs, PipelineArgs};
 use crate::methods::MethodSpec;
 use crate::pipeline::{fit, training_images, FitOptions, Pipeline};
-use crate::test_cmd::{evaluate, print_metrics, thresholds, write_outputs};
+use crate::test_cmd::{evaluate_fitted, print_metrics, write_outputs};
 
 /// The embedded dataset: `data/demo/PA_BDP01_TL` in the repository (override with VIGIL_DEMO_DATA).
 fn demo_data() -> Result<PathBuf> {
@@ -24,7 +24,7 @@ fn demo_data() -> Result<PathBuf> {
             p.display()
         );
     }
-    Ok(p)
+    Ok(p.canonicalize().unwrap_or(p))
 }
 
 pub fn demo_command(args: DemoArgs) -> Result<()> {
@@ -32,22 +32,14 @@ pub fn demo_command(args: DemoArgs) -> Result<()> {
     let spec = MethodSpec::parse(&args.method, &[])?;
     println!("vigil demo: {} on {} (PIPED, CC BY 4.0)", spec.label(), data.display());
     let pipeline = Pipeline::from_args(&PipelineArgs::default())?;
-    let outcome = fit(&spec, training_images(&data)?, pipeline, FitOptions::default())?;
+    let opts = FitOptions { image_threshold: Some(args.threshold.clone()), ..Default::default() };
+    let outcome = fit(&spec, training_images(&data)?, pipeline, opts)?;
     println!("fitted in {:.1} s", outcome.fit_seconds);
     // The demo's outputs are its own: re-running the demo replaces them.
     let model_path = args.out.join("model.vigil");
     outcome.model.write(&model_path, true)?;
     let dataset = Dataset::discover(&data)?;
-    let (image_t, pixel_t) = thresholds(&outcome.model)?;
-    let eval = evaluate(
-        outcome.detector.as_ref(),
-        &outcome.pipeline,
-        &dataset.test,
-        &image_t,
-        &pixel_t,
-        false,
-        0.3,
-    )?;
+    let (eval, image_t, pixel_t) = evaluate_fitted(&outcome, &dataset.test)?;
     write_outputs(&args.out, true, &outcome.model, &dataset.name, &eval, &image_t, &pixel_t, false)?;
     println!("threshold: {} = {:.4}", image_t.kind, image_t.value);
     print_metrics(&eval.metrics);

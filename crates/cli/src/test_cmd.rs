@@ -214,6 +214,16 @@ pub fn test_command(args: TestArgs) -> Result<()> {
     Ok(())
 }
 
+/// Score a dataset's test items with a freshly fitted model and its own thresholds.
+pub fn evaluate_fitted(
+    outcome: &crate::pipeline::FitOutcome,
+    items: &[TestItem],
+) -> Result<(Evaluation, Threshold, Threshold)> {
+    let (image_t, pixel_t) = thresholds(&outcome.model)?;
+    let eval = evaluate(outcome.detector.as_ref(), &outcome.pipeline, items, &image_t, &pixel_t, false, 0.3)?;
+    Ok((eval, image_t, pixel_t))
+}
+
 pub fn thresholds(model: &vigil_core::ModelFile) -> Result<(Threshold, Threshold)> {
     let i = model.header.image_threshold.clone().context("model file has no image threshold")?;
     let p = model.header.pixel_threshold.clone().context("model file has no pixel threshold")?;
