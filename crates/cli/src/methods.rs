@@ -46,6 +46,22 @@ pub fn registry() -> Vec<MethodEntry> {
         load: |v, s| Ok(Box::new(vigil_uflow::UflowDetector::load(v, s)?)),
     },
     MethodEntry {
+        name: "patchcore",
+        summary: "PatchCore: locally aware patch features of a pretrained backbone, greedy coreset memory bank \
+                  (streamed, memory-bounded, optional f16), nearest-neighbour distance, re-weighted image score.",
+        default_settings: defaults::<vigil_patchcore::PatchcoreSettings>,
+        build: |v| Ok(Box::new(vigil_patchcore::PatchcoreDetector::new(parse_settings(v)?)?)),
+        load: |v, s| Ok(Box::new(vigil_patchcore::PatchcoreDetector::load(v, s)?)),
+    },
+    MethodEntry {
+        name: "padim",
+        summary: "PaDiM: per-position Gaussian of multi-layer pretrained features (streamed mean/covariance, \
+                  random channel subset), Mahalanobis distance map.",
+        default_settings: defaults::<vigil_padim::PadimSettings>,
+        build: |v| Ok(Box::new(vigil_padim::PadimDetector::new(parse_settings(v)?)?)),
+        load: |v, s| Ok(Box::new(vigil_padim::PadimDetector::load(v, s)?)),
+    },
+    MethodEntry {
         name: "draem",
         summary: "DRAEM: reconstructive auto-encoder + discriminative U-Net trained on synthetic anomalies (Perlin \
                   masks, texture source, cutout). Default: the CPU preset (64 px, narrow widths, 400 steps).",

@@ -384,3 +384,26 @@ fn draem_trains_through_the_cli_with_checkpoints() {
     ok(&["test", "--model", s(&model), "--data", s(&f.data), "-o", s(&out)]);
     assert!(metrics(&out)["metrics"]["pixel_auroc"].as_f64().is_some());
 }
+
+/// The pretrained-feature methods with the real MobileNetV2 weights on one real PIPED class.
+/// Skipped (with a message) when `<workspace>/../shared` is absent.
+#[test]
+fn pretrained_feature_methods_separate_real_impurities() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let class = shared.join("data/piped/PA_BDP01_TL");
+    if !class.is_dir() || !shared.join("weights/mobilenet_v2").is_dir() {
+        eprintln!("skipped: {} is absent", shared.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for method in ["patchcore", "padim", "uflow:epochs=8"] {
+        let model = tmp.path().join("m.vigil");
+        ok(&["fit", "-m", method, "--train", s(&class), "-o", s(&model), "--overwrite"]);
+        let out = tmp.path().join("t");
+        ok(&["test", "--model", s(&model), "--data", s(&class), "-o", s(&out), "--overwrite"]);
+        let m = metrics(&out);
+        let (image, pixel) =
+            (m["metrics"]["image_auroc"].as_f64().unwrap(), m["metrics"]["pixel_auroc"].as_f64().unwrap());
+        assert!(image > 0.95 && pixel > 0.9, "{method}: image AUROC {image}, pixel AUROC {pixel}");
+    }
+}

@@ -1,0 +1,480 @@
+//! The PatchCore detector: settings, fit (streamed, memory-bounded), scoring, state.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vigil_backbones::{default_weights_path, Backbone, BackboneKind};
+use vigil_core::tensors::TensorData;
+use vigil_core::{
+    progress, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput,
+    TensorBag, VigilError,
+};
+
+use crate::coreset::{squared_distance, GaussianProjection, StreamingCoreset};
+use crate::features::{patch_grid, PatchGrid};
+use crate::knn::{BankData, MemoryBank};
+
+const BANK_TENSOR: &str = "memory_bank";
+
+/// PatchCore's settings. Every field has a default, so `{}` is a valid configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PatchcoreSettings {
+    /// Feature extractor.
+    pub backbone: BackboneKind,
+    /// Weights file (`.safetensors`, `.pth`); `None`: the backbone's shipped weights
+    /// (`vigil_backbones::default_weights_path`).
+    pub weights: Option<PathBuf>,
+    /// Seeded random weights instead of pretrained ones (tests, ablations); overrides `weights`.
+    pub random_weights_seed: Option<u64>,
+    /// Layers to tap, the first one setting the patch grid; empty: [`default_layers`].
+    pub layers: Vec<String>,
+    /// Side of the square network input in pixels; images are resized to it.
+    pub input_size: usize,
+    /// Side of the neighbourhood each patch feature averages (the paper's p = 3).
+    pub neighbourhood: usize,
+    /// Adaptive average pooling of each patch vector to this many values; `None` keeps all
+    /// channels (as anomalib).
+    pub target_dim: Option<usize>,
+    /// Fraction of the training patches kept in the memory bank.
+    pub coreset_ratio: f64,
+    /// Patches are randomly projected to this many dimensions for the coreset selection when
+    /// they have more (the selection only needs approximate distances).
+    pub projection_dim: usize,
+    /// Patches per greedy coreset pass. Greedy selection is quadratic in the patches it sees,
+    /// so larger training sets are cut into chunks of this size, each reduced on its own (see
+    /// [`StreamingCoreset`]); sets that fit in one chunk get the exact single-pass greedy.
+    pub coreset_chunk: usize,
+    /// Bound on the memory the fit holds (patch chunk, its projection and the bank), in MiB;
+    /// when the bank at `coreset_ratio` would not fit beside a chunk, fewer patches are kept.
+    pub memory_budget_mb: usize,
+    /// Store the memory bank in half precision (half the memory; search still runs in f32).
+    pub f16_bank: bool,
+    /// Memory-bank neighbours of the nearest patch used by the image-score re-weighting
+    /// (1 disables it: the image score is the largest patch distance).
+    pub num_neighbors: usize,
+    /// Gaussian smoothing of the anomaly map, in input-size pixels.
+    pub sigma: f32,
+    /// Images per backbone pass during the fit.
+    pub batch_size: usize,
+}
+
+impl Default for PatchcoreSettings {
+    fn default() -> Self {
+        PatchcoreSettings {
+            backbone: BackboneKind::MobileNetV2,
+            weights: None,
+            random_weights_seed: None,
+            layers: Vec::new(),
+            input_size: 256,
+            neighbourhood: 3,
+            target_dim: None,
+            coreset_ratio: 0.1,
+            projection_dim: 128,
+            coreset_chunk: 32_768,
+            memory_budget_mb: 4096,
+            f16_bank: false,
+            num_neighbors: 9,
+            sigma: 4.0,
+            batch_size: 8,
+        }
+    }
+}
+
+/// The layer pair each backbone taps by default: strides 8 and 16, mid-level features as in
+/// the paper (WRN-50 layer2 + layer3).
+pub fn default_layers(kind: BackboneKind) -> Vec<String> {
+    let names: &[&str] = match kind {
+        BackboneKind::MobileNetV2 => &["features.6", "features.13"],
+        BackboneKind::EfficientNetLite0 => &["_blocks.4", "_blocks.10"],
+        BackboneKind::ResNet18 | BackboneKind::ResNet50 | BackboneKind::WideResNet50 => &["layer2", "layer3"],
+    };
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// PatchCore (Roth et al., CVPR 2022).
+pub struct PatchcoreDetector {
+    settings: PatchcoreSettings,
+    backbone: Backbone,
+    bank: Option<MemoryBank>,
+}
+
+impl PatchcoreDetector {
+    /// Checks the settings and loads the backbone (an unfitted detector).
+    pub fn new(mut settings: PatchcoreSettings) -> Result<Self> {
+        if settings.layers.is_empty() {
+            settings.layers = default_layers(settings.backbone);
+        }
+        validate(&settings)?;
+        let backbone = build_backbone(&settings)?;
+        for layer in &settings.layers {
+            backbone.layer_info(layer)?;
+        }
+        Ok(PatchcoreDetector { settings, backbone, bank: None })
+    }
+
+    /// Rebuilds a fitted detector from its settings and state.
+    pub fn load(settings: &serde_json::Value, state: &TensorBag) -> Result<Self> {
+        let settings: PatchcoreSettings = serde_json::from_value(settings.clone())
+            .map_err(|e| VigilError::Model(format!("PatchCore settings: {e}")))?;
+        let mut detector = PatchcoreDetector::new(settings)?;
+        let shape = state.shape(BANK_TENSOR)?.to_vec();
+        let [rows, dim] = shape[..] else {
+            return Err(VigilError::Model(format!(
+                "tensor '{BANK_TENSOR}' has shape {shape:?}, expected [rows, dim]"
+            )));
+        };
+        if rows == 0 {
+            return Err(VigilError::Model(format!("tensor '{BANK_TENSOR}' is empty")));
+        }
+        let expected = detector.feature_dim()?;
+        if dim != expected {
+            return Err(VigilError::Model(format!(
+                "tensor '{BANK_TENSOR}' has {dim} features per patch, the settings give {expected}"
+            )));
+        }
+        let data = match &state.get(BANK_TENSOR)?.data {
+            TensorData::F16(v) => BankData::F16(v.clone()),
+            _ => BankData::F32(state.f32(BANK_TENSOR, None)?),
+        };
+        detector.bank = Some(MemoryBank::new(data, dim));
+        Ok(detector)
+    }
+
+    pub fn settings_ref(&self) -> &PatchcoreSettings {
+        &self.settings
+    }
+
+    /// Memory-bank rows (0 before the fit).
+    pub fn bank_rows(&self) -> usize {
+        self.bank.as_ref().map_or(0, |b| b.rows())
+    }
+
+    /// Values per patch feature.
+    pub fn feature_dim(&self) -> Result<usize> {
+        let channels: usize = self
+            .settings
+            .layers
+            .iter()
+            .map(|l| self.backbone.layer_info(l).map(|i| i.0))
+            .sum::<Result<_>>()?;
+        Ok(self.settings.target_dim.unwrap_or(channels))
+    }
+
+    fn input_size(&self) -> (usize, usize) {
+        (self.settings.input_size, self.settings.input_size)
+    }
+
+    fn patches(&self, images: &[Image]) -> Result<Vec<PatchGrid>> {
+        let features = self.backbone.extract(images, &self.settings.layers, self.input_size())?;
+        features
+            .iter()
+            .map(|maps| patch_grid(maps, self.settings.neighbourhood, self.settings.target_dim))
+            .collect()
+    }
+
+    /// Patch distances and the image score (paper's re-weighting) of one image.
+    fn patch_scores(&self, bank: &MemoryBank, grid: &PatchGrid, valid: Option<&[bool]>) -> (Vec<f32>, f32) {
+        let (dist, nearest) = bank.nearest(&grid.rows);
+        // the worst patch among those left in (all of them when the mask leaves none)
+        let valid = valid.filter(|v| v.contains(&true));
+        let candidates = (0..dist.len()).filter(|&i| valid.is_none_or(|v| v[i]));
+        let worst = candidates
+            .max_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(b.cmp(&a)))
+            .expect("a feature grid has at least one patch");
+        let score = dist[worst];
+        if self.settings.num_neighbors <= 1 {
+            return (dist, score);
+        }
+        // Re-weighting (paper eq. 7, as anomalib): a softmax over the distances from the worst
+        // patch to the bank neighbours of its nearest bank row. A nearest row far from its own
+        // neighbours (a rare normal pattern) keeps the full score; one amid many equally near
+        // rows (a common pattern, so the match is less telling) lowers it.
+        let support = bank.neighbours_of_row(nearest[worst] as usize, self.settings.num_neighbors);
+        let query = &grid.rows[worst * grid.dim..(worst + 1) * grid.dim];
+        let d: Vec<f32> = support.iter().map(|&i| squared_distance(query, &bank.row(i)).sqrt()).collect();
+        let max = d.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = d.iter().map(|v| (v - max).exp()).sum();
+        let weight = 1.0 - (d[0] - max).exp() / total;
+        (dist, weight * score)
+    }
+}
+
+fn validate(s: &PatchcoreSettings) -> Result<()> {
+    let bad = |msg: String| Err(VigilError::Config(format!("PatchCore: {msg}")));
+    if !(s.coreset_ratio > 0.0 && s.coreset_ratio <= 1.0) {
+        return bad(format!("coreset_ratio must be in (0, 1], got {}", s.coreset_ratio));
+    }
+    if s.neighbourhood == 0 || s.neighbourhood.is_multiple_of(2) {
+        return bad(format!("neighbourhood must be odd and positive, got {}", s.neighbourhood));
+    }
+    if s.input_size < 16 {
+        return bad(format!("input_size must be at least 16 pixels, got {}", s.input_size));
+    }
+    if s.projection_dim == 0 || s.coreset_chunk == 0 || s.batch_size == 0 || s.num_neighbors == 0 {
+        return bad("projection_dim, coreset_chunk, batch_size and num_neighbors must be positive".into());
+    }
+    if s.target_dim == Some(0) {
+        return bad("target_dim must be positive".into());
+    }
+    if !(s.sigma >= 0.0 && s.sigma.is_finite()) {
+        return bad(format!("sigma must be finite and non-negative, got {}", s.sigma));
+    }
+    Ok(())
+}
+
+fn build_backbone(s: &PatchcoreSettings) -> Result<Backbone> {
+    if let Some(seed) = s.random_weights_seed {
+        return Ok(Backbone::random(s.backbone, seed));
+    }
+    let path = match &s.weights {
+        Some(p) => p.clone(),
+        None => default_weights_path(s.backbone).ok_or_else(|| {
+            VigilError::Config(format!(
+                "no weights found for backbone {} (set \"weights\" to a .safetensors or .pth file, \
+                 or VIGIL_WEIGHTS_DIR)",
+                s.backbone
+            ))
+        })?,
+    };
+    Backbone::load(s.backbone, &path)
+}
+
+/// Which cells of a `width`×`height` feature grid an ignore mask leaves in (nearest sampling).
+fn valid_cells(ignore: Option<&Mask>, width: usize, height: usize) -> Option<Vec<bool>> {
+    ignore.map(|m| m.resize_nearest(width, height).data.iter().map(|&ignored| !ignored).collect())
+}
+
+impl Detector for PatchcoreDetector {
+    fn method(&self) -> &'static str {
+        "patchcore"
+    }
+
+    fn channel_mode(&self) -> ChannelMode {
+        ChannelMode::Rgb
+    }
+
+    fn fit(&mut self, train: &dyn ImageSource, ctx: &FitContext) -> Result<()> {
+        let n = train.len();
+        if n == 0 {
+            return Err(VigilError::invalid("PatchCore: no training images"));
+        }
+        let s = &self.settings;
+        let bar = ctx.show_progress.then(|| progress::bar(n as u64, "patchcore"));
+        let mut coreset: Option<StreamingCoreset> = None;
+        for start in (0..n).step_by(s.batch_size) {
+            let end = (start + s.batch_size).min(n);
+            let images: Vec<Image> = (start..end).map(|i| train.load(i)).collect::<Result<_>>()?;
+            let grids = self.patches(&images)?;
+            for (offset, grid) in grids.into_iter().enumerate() {
+                let builder = match &mut coreset {
+                    Some(c) => c,
+                    None => {
+                        coreset.insert(self.plan_coreset(n * grid.width * grid.height, grid.dim, ctx.seed)?)
+                    }
+                };
+                match valid_cells(train.ignore_mask(start + offset).as_ref(), grid.width, grid.height) {
+                    None => builder.push(&grid.rows),
+                    Some(valid) => {
+                        let kept: Vec<f32> = grid
+                            .rows
+                            .chunks_exact(grid.dim)
+                            .zip(&valid)
+                            .filter(|(_, &v)| v)
+                            .flat_map(|(r, _)| r.iter().copied())
+                            .collect();
+                        builder.push(&kept);
+                    }
+                }
+            }
+            if let Some(bar) = &bar {
+                bar.inc((end - start) as u64);
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        let dim = self.feature_dim()?;
+        let data = coreset.expect("at least one image was processed").finish();
+        if data.is_empty() {
+            return Err(VigilError::invalid("PatchCore: every training patch is ignored"));
+        }
+        self.bank = Some(MemoryBank::new(data, dim));
+        Ok(())
+    }
+
+    fn score(&self, image: &Image, ignore: Option<&Mask>) -> Result<ScoreOutput> {
+        let bank = self.bank.as_ref().ok_or_else(|| VigilError::Model("PatchCore is not fitted".into()))?;
+        let grid = self.patches(std::slice::from_ref(image))?.pop().expect("one image in, one grid out");
+        let valid = valid_cells(ignore, grid.width, grid.height);
+        let (dist, image_score) = self.patch_scores(bank, &grid, valid.as_deref());
+        let (iw, ih) = self.input_size();
+        let map = Map::new(grid.width, grid.height, dist)?
+            .resize_bilinear(iw, ih)
+            .gaussian_blur(self.settings.sigma)
+            .resize_bilinear(image.width, image.height);
+        Ok(ScoreOutput { map, image_score: Some(image_score), log10_nfa: None })
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise to JSON")
+    }
+
+    fn state(&self) -> Result<TensorBag> {
+        let bank = self.bank.as_ref().ok_or_else(|| VigilError::Model("PatchCore is not fitted".into()))?;
+        let mut bag = TensorBag::new();
+        let shape = [bank.rows(), bank.dim()];
+        match bank.data() {
+            BankData::F32(v) => bag.put_f32(BANK_TENSOR, &shape, v.clone()),
+            BankData::F16(v) => bag.put_f16(BANK_TENSOR, &shape, v.clone()),
+        }
+        Ok(bag)
+    }
+}
+
+impl PatchcoreDetector {
+    /// Sizes the streaming coreset for `total` patches of `dim` values within the memory budget.
+    fn plan_coreset(&self, total: usize, dim: usize, seed: u64) -> Result<StreamingCoreset> {
+        let s = &self.settings;
+        let projection =
+            (dim > s.projection_dim).then(|| GaussianProjection::new(dim, s.projection_dim, seed));
+        let selection_dim = projection.as_ref().map_or(0, |p| p.out_dim);
+        // equal chunks rather than full ones and a remainder, so every chunk gets the same share
+        let chunks = total.div_ceil(s.coreset_chunk);
+        let chunk_rows = total.div_ceil(chunks);
+        let budget = s.memory_budget_mb as f64 * 1024.0 * 1024.0;
+        let chunk_bytes = (chunk_rows * (dim + selection_dim) * 4) as f64;
+        let bank_value_bytes = if s.f16_bank { 2.0 } else { 4.0 };
+        let bank_room = (budget - chunk_bytes) / (dim as f64 * bank_value_bytes);
+        if bank_room < 1.0 {
+            return Err(VigilError::Config(format!(
+                "PatchCore: memory_budget_mb = {} cannot hold one coreset chunk of {chunk_rows} patches \
+                 x {dim} features ({:.0} MiB); raise it or lower coreset_chunk",
+                s.memory_budget_mb,
+                chunk_bytes / 1048576.0
+            )));
+        }
+        let keep = s.coreset_ratio.min(bank_room / total as f64);
+        Ok(StreamingCoreset::new(dim, chunk_rows, keep, projection, s.f16_bank, seed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use vigil_core::InMemorySource;
+
+    /// A striped texture with mild noise; `defect` paints a dark square at (20, 20).
+    fn texture(seed: u64, defect: bool) -> Image {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (w, h) = (48, 48);
+        let mut data = Vec::with_capacity(3 * w * h);
+        for c in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    let stripe = if (x + y + c) % 8 < 4 { 0.7 } else { 0.3 };
+                    let v =
+                        if defect && (20..30).contains(&x) && (20..30).contains(&y) { 0.0 } else { stripe };
+                    data.push(v + rng.gen::<f32>() * 0.05);
+                }
+            }
+        }
+        Image::new(w, h, 3, data).unwrap()
+    }
+
+    fn small_settings() -> PatchcoreSettings {
+        // random ResNet-18 features vary with the image (random MobileNetV2 ones barely do);
+        // 384 channels also exercise the random projection of the coreset
+        PatchcoreSettings {
+            backbone: BackboneKind::ResNet18,
+            random_weights_seed: Some(3),
+            input_size: 64,
+            ..Default::default()
+        }
+    }
+
+    fn fitted(settings: PatchcoreSettings, seed: u64) -> PatchcoreDetector {
+        let mut d = PatchcoreDetector::new(settings).unwrap();
+        let train = InMemorySource::new((0..6).map(|i| texture(i, false)).collect());
+        d.fit(&train, &FitContext { seed, ..Default::default() }).unwrap();
+        d
+    }
+
+    #[test]
+    fn planted_defect_scores_higher_than_normal_images() {
+        let d = fitted(small_settings(), 0);
+        // 6 images x 8x8 patches at 10%
+        assert_eq!(d.bank_rows(), 38);
+        let normal = d.score(&texture(100, false), None).unwrap();
+        let defect = d.score(&texture(101, true), None).unwrap();
+        assert_eq!((defect.map.width, defect.map.height), (48, 48));
+        let (n, a) = (normal.image_score.unwrap(), defect.image_score.unwrap());
+        assert!(a > 1.5 * n, "defect {a} vs normal {n}");
+        // the map peaks inside the defect
+        let peak = defect.map.data.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let (px, py) = (peak % 48, peak / 48);
+        assert!((14..36).contains(&px) && (14..36).contains(&py), "peak at ({px}, {py})");
+        defect.map.check_finite("defect").unwrap();
+    }
+
+    #[test]
+    fn save_load_round_trip_gives_identical_scores_in_f32_and_f16() {
+        for f16_bank in [false, true] {
+            let d = fitted(PatchcoreSettings { f16_bank, ..small_settings() }, 5);
+            let bytes = d.state().unwrap().to_safetensors().unwrap();
+            let back = PatchcoreDetector::load(&d.settings(), &TensorBag::from_safetensors(&bytes).unwrap())
+                .unwrap();
+            let img = texture(7, true);
+            let (a, b) = (d.score(&img, None).unwrap(), back.score(&img, None).unwrap());
+            assert_eq!(a.map, b.map);
+            assert_eq!(a.image_score, b.image_score);
+        }
+    }
+
+    #[test]
+    fn fit_is_deterministic_with_the_seed() {
+        let bank = |seed| fitted(small_settings(), seed).state().unwrap();
+        assert_eq!(bank(1), bank(1));
+        assert_ne!(bank(1), bank(2));
+    }
+
+    #[test]
+    fn ignored_region_is_left_out_of_the_image_score() {
+        let d = fitted(small_settings(), 0);
+        let defect = texture(101, true);
+        let mut ignore = Mask::empty(48, 48);
+        for y in 12..38 {
+            for x in 12..38 {
+                ignore.data[y * 48 + x] = true;
+            }
+        }
+        let all = d.score(&defect, None).unwrap().image_score.unwrap();
+        let masked = d.score(&defect, Some(&ignore)).unwrap().image_score.unwrap();
+        assert!(masked < all, "masked {masked} vs {all}");
+    }
+
+    #[test]
+    fn bad_settings_and_states_are_errors() {
+        assert!(PatchcoreDetector::new(PatchcoreSettings { coreset_ratio: 0.0, ..small_settings() }).is_err());
+        let e = PatchcoreDetector::new(PatchcoreSettings { layers: vec!["nope".into()], ..small_settings() });
+        assert!(e.err().unwrap().to_string().contains("nope"));
+        let unfitted = PatchcoreDetector::new(small_settings()).unwrap();
+        assert!(unfitted.score(&texture(0, false), None).is_err());
+        let mut bag = TensorBag::new();
+        bag.put_f32(BANK_TENSOR, &[2, 5], vec![0.0; 10]);
+        let e = PatchcoreDetector::load(&unfitted.settings(), &bag).err().unwrap().to_string();
+        assert!(e.contains("features per patch"), "{e}");
+        assert!(PatchcoreDetector::load(&unfitted.settings(), &TensorBag::new()).is_err());
+    }
+
+    #[test]
+    fn a_tight_memory_budget_is_reported() {
+        let mut d =
+            PatchcoreDetector::new(PatchcoreSettings { memory_budget_mb: 0, ..small_settings() }).unwrap();
+        let train = InMemorySource::new(vec![texture(0, false)]);
+        let e = d.fit(&train, &FitContext::default()).unwrap_err().to_string();
+        assert!(e.contains("memory_budget_mb"), "{e}");
+    }
+}
