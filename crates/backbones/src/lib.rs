@@ -153,22 +153,7 @@ impl FeatureMap {
     }
 }
 
-/// The device used when none is given: CUDA with feature `cuda`, wgpu with feature `wgpu`,
-/// else burn's pure-Rust flex CPU backend.
-pub fn default_device() -> Device {
-    #[cfg(feature = "cuda")]
-    {
-        Device::cuda(0)
-    }
-    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
-    {
-        Device::wgpu(Default::default())
-    }
-    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-    {
-        Device::flex()
-    }
-}
+pub use vigil_nn::default_device;
 
 /// The shipped weights of `kind`, if present: `$VIGIL_WEIGHTS_DIR` first, then
 /// `<workspace>/../shared/weights`, as `<name>/<name>.safetensors` or `<name>.safetensors`.
@@ -195,6 +180,24 @@ pub struct Backbone {
 }
 
 impl Backbone {
+    /// The backbone a method's settings ask for: random weights when a seed is given (tests),
+    /// else the weights file given, else the default weights location.
+    pub fn open(kind: BackboneKind, weights: Option<&Path>, random_seed: Option<u64>) -> Result<Backbone> {
+        if let Some(seed) = random_seed {
+            return Ok(Backbone::random(kind, seed));
+        }
+        let path = match weights {
+            Some(p) => p.to_path_buf(),
+            None => default_weights_path(kind).ok_or_else(|| {
+                VigilError::Config(format!(
+                    "no weights found for backbone {kind} (set \"weights\" to a .safetensors or .pth file, \
+                     or VIGIL_WEIGHTS_DIR)"
+                ))
+            })?,
+        };
+        Backbone::load(kind, &path)
+    }
+
     /// Loads weights onto the [`default_device`]: `.pth`/`.pt`/`.bin`/`.ckpt` are read as PyTorch
     /// checkpoints, anything else as safetensors.
     pub fn load(kind: BackboneKind, weights: &Path) -> Result<Backbone> {

@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use vigil_backbones::{default_weights_path, Backbone, BackboneKind, FeatureMap};
+use vigil_backbones::{Backbone, BackboneKind, FeatureMap};
 use vigil_core::{
     progress, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput,
     TensorBag, VigilError,
@@ -120,7 +120,8 @@ impl PadimDetector {
         if settings.batch_size == 0 || settings.channels == Some(0) {
             return bad("batch_size and channels must be positive".into());
         }
-        let backbone = build_backbone(&settings)?;
+        let backbone =
+            Backbone::open(settings.backbone, settings.weights.as_deref(), settings.random_weights_seed)?;
         let total_channels =
             settings.layers.iter().map(|l| backbone.layer_info(l).map(|i| i.0)).sum::<Result<usize>>()?;
         if let Some(d) = settings.channels.filter(|&d| d > total_channels) {
@@ -212,23 +213,6 @@ fn concat_planes(maps: &[FeatureMap], w: usize, h: usize) -> Vec<Vec<f32>> {
         }
     }
     planes
-}
-
-fn build_backbone(s: &PadimSettings) -> Result<Backbone> {
-    if let Some(seed) = s.random_weights_seed {
-        return Ok(Backbone::random(s.backbone, seed));
-    }
-    let path = match &s.weights {
-        Some(p) => p.clone(),
-        None => default_weights_path(s.backbone).ok_or_else(|| {
-            VigilError::Config(format!(
-                "no weights found for backbone {} (set \"weights\" to a .safetensors or .pth file, \
-                 or VIGIL_WEIGHTS_DIR)",
-                s.backbone
-            ))
-        })?,
-    };
-    Backbone::load(s.backbone, &path)
 }
 
 impl Detector for PadimDetector {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use vigil_backbones::{default_weights_path, Backbone, BackboneKind};
+use vigil_backbones::{Backbone, BackboneKind};
 use vigil_core::tensors::TensorData;
 use vigil_core::{
     progress, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput,
@@ -106,7 +106,8 @@ impl PatchcoreDetector {
             settings.layers = default_layers(settings.backbone);
         }
         validate(&settings)?;
-        let backbone = build_backbone(&settings)?;
+        let backbone =
+            Backbone::open(settings.backbone, settings.weights.as_deref(), settings.random_weights_seed)?;
         for layer in &settings.layers {
             backbone.layer_info(layer)?;
         }
@@ -221,23 +222,6 @@ fn validate(s: &PatchcoreSettings) -> Result<()> {
         return bad(format!("sigma must be finite and non-negative, got {}", s.sigma));
     }
     Ok(())
-}
-
-fn build_backbone(s: &PatchcoreSettings) -> Result<Backbone> {
-    if let Some(seed) = s.random_weights_seed {
-        return Ok(Backbone::random(s.backbone, seed));
-    }
-    let path = match &s.weights {
-        Some(p) => p.clone(),
-        None => default_weights_path(s.backbone).ok_or_else(|| {
-            VigilError::Config(format!(
-                "no weights found for backbone {} (set \"weights\" to a .safetensors or .pth file, \
-                 or VIGIL_WEIGHTS_DIR)",
-                s.backbone
-            ))
-        })?,
-    };
-    Backbone::load(s.backbone, &path)
 }
 
 /// Which cells of a `width`×`height` feature grid an ignore mask leaves in (nearest sampling).

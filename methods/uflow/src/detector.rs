@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use vigil_backbones::{default_weights_path, Backbone, BackboneKind, MsCait};
+use vigil_backbones::{Backbone, BackboneKind, MsCait};
 use vigil_core::{
     ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput, TensorBag,
     ThresholdKind, VigilError,
@@ -141,16 +141,7 @@ impl Features {
                 extractor: Extractor::MsCait(Box::new(extractor)),
             });
         }
-        let weights = match &settings.weights {
-            Some(path) => path.clone(),
-            None => default_weights_path(settings.backbone).ok_or_else(|| {
-                VigilError::Config(format!(
-                    "uflow: no weights for backbone {} (set `weights` or VIGIL_WEIGHTS_DIR)",
-                    settings.backbone
-                ))
-            })?,
-        };
-        let backbone = Backbone::load(settings.backbone, &weights)?;
+        let backbone = Backbone::open(settings.backbone, settings.weights.as_deref(), None)?;
         let mut shapes = Vec::new();
         let mut previous_stride = None;
         for layer in &settings.layers {

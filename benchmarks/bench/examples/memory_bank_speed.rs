@@ -1,7 +1,7 @@
 //! Fit time on one PIPED class's training images and batch-1 scoring latency, PatchCore and
 //! PaDiM with MobileNetV2 (features.6 + features.13) at 256 px, as the anomalib peer's `speed`.
 //!
-//! cargo run --release -p vigil-bench --example speed -- [--method patchcore|padim]
+//! cargo run --release -p vigil-bench --example memory_bank_speed -- [--method patchcore|padim]
 //!     [--class DIR] [--size 256] [--reps 20] [--reps-fit 1] [--batch B]
 //! Run one method per process so the printed peak RSS (VmHWM) is that method's.
 //! Threads: RAYON_NUM_THREADS (default: all cores).

@@ -2,7 +2,7 @@
 //! (random square crops of 50-100 % of the side, random flips, resized to 256 px), generated on
 //! demand so the set itself takes no memory. Prints the fit time and the peak RSS (VmHWM).
 //!
-//! cargo run --release -p vigil-bench --example bigmem -- [--method patchcore|padim] [--n 12000]
+//! cargo run --release -p vigil-bench --example memory_bank_bigmem -- [--method patchcore|padim] [--n 12000]
 //!     [--f16]
 //! Run one method per process so the printed peak RSS is that method's.
 
