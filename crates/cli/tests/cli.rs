@@ -407,3 +407,42 @@ fn pretrained_feature_methods_separate_real_impurities() {
         assert!(image > 0.95 && pixel > 0.9, "{method}: image AUROC {image}, pixel AUROC {pixel}");
     }
 }
+
+/// Kill a DRAEM fit (SIGKILL) once it has written a checkpoint, run the same command again: it
+/// resumes, and the learned weights equal those of a run that was never interrupted.
+#[test]
+fn killed_fit_resumes_to_the_same_weights() {
+    let f = fixture();
+    let method = "draem:steps=120,image_size=32,batch=2,checkpoint_every=10";
+    let ckpt = f.root.join("ckpt");
+    let resumed = f.root.join("resumed.vigil");
+    let args = ["fit", "-m", method, "--train", s(&f.data), "-o", s(&resumed), "--checkpoint-dir", s(&ckpt)];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(args)
+        .env("VIGIL_NO_PROGRESS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoint = ckpt.join("draem-training.ckpt");
+    let start = std::time::Instant::now();
+    while !checkpoint.exists() {
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint was written");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the fit ended before a checkpoint could be interrupted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!resumed.exists(), "the killed run must not have written a model");
+    ok(&args);
+
+    let straight = f.root.join("straight.vigil");
+    ok(&["fit", "-m", method, "--train", s(&f.data), "-o", s(&straight)]);
+    let a = vigil_core::ModelFile::read(&resumed).unwrap();
+    let b = vigil_core::ModelFile::read(&straight).unwrap();
+    assert_eq!(a.state, b.state, "resumed weights differ from the uninterrupted run");
+    assert_eq!(a.header.image_threshold, b.header.image_threshold);
+}
