@@ -97,29 +97,15 @@ pub fn init_normal<M: Module>(module: M, seed: u64, std: f32) -> M {
 mod tests {
     use super::*;
     use crate::state::module_to_bag;
-    use burn::nn::conv::{Conv2d, Conv2dConfig};
-    use burn::nn::{BatchNorm, BatchNormConfig};
+    use crate::test_modules::tiny;
     use burn::tensor::Device;
-
-    #[derive(Module, Debug)]
-    struct Tiny {
-        conv: Conv2d,
-        bn: BatchNorm,
-    }
-
-    fn tiny(device: &Device) -> Tiny {
-        Tiny {
-            conv: Conv2dConfig::new([4, 8], [3, 3]).init(device),
-            bn: BatchNormConfig::new(8).init(device),
-        }
-    }
 
     #[test]
     fn init_is_a_function_of_the_seed() {
         let device = Device::flex();
-        let a = module_to_bag(&init_normal(tiny(&device), 7, 0.02));
-        let b = module_to_bag(&init_normal(tiny(&device), 7, 0.02));
-        let c = module_to_bag(&init_normal(tiny(&device), 8, 0.02));
+        let a = module_to_bag(&init_normal(tiny(&device, 4, 8), 7, 0.02));
+        let b = module_to_bag(&init_normal(tiny(&device, 4, 8), 7, 0.02));
+        let c = module_to_bag(&init_normal(tiny(&device, 4, 8), 8, 0.02));
         assert_eq!(a, b);
         assert_ne!(a, c);
         let w = a.f32("conv.weight", None).unwrap();
@@ -135,8 +121,8 @@ mod tests {
     #[test]
     fn ids_depend_only_on_paths() {
         let device = Device::flex();
-        let a = stable_param_ids(tiny(&device));
-        let b = stable_param_ids(tiny(&device));
+        let a = stable_param_ids(tiny(&device, 4, 8));
+        let b = stable_param_ids(tiny(&device, 4, 8));
         assert_eq!(a.conv.weight.id, b.conv.weight.id);
         assert_ne!(a.conv.weight.id, a.conv.bias.as_ref().unwrap().id);
     }

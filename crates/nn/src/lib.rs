@@ -17,6 +17,9 @@ pub mod schedule;
 pub mod state;
 pub mod train;
 
+#[cfg(test)]
+pub(crate) mod test_modules;
+
 pub use burn;
 pub use checkpoint::{optimizer_bytes, restore_optimizer, Checkpoint, RngState};
 pub use device::{default_device, training_device};

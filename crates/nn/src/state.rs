@@ -118,26 +118,12 @@ pub fn load_module<M: Module>(module: M, bag: &TensorBag, prefix: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::nn::conv::{Conv2d, Conv2dConfig};
-    use burn::nn::{BatchNorm, BatchNormConfig};
-
-    #[derive(Module, Debug)]
-    struct Tiny {
-        conv: Conv2d,
-        bn: BatchNorm,
-    }
-
-    fn tiny(device: &Device) -> Tiny {
-        Tiny {
-            conv: Conv2dConfig::new([2, 3], [3, 3]).init(device),
-            bn: BatchNormConfig::new(3).init(device),
-        }
-    }
+    use crate::test_modules::tiny;
 
     #[test]
     fn round_trip_with_pytorch_names() {
         let device = Device::flex();
-        let a = tiny(&device);
+        let a = tiny(&device, 2, 3);
         let bag = module_to_bag(&a);
         let names: Vec<&str> = bag.names().collect();
         assert_eq!(
@@ -145,14 +131,17 @@ mod tests {
             ["bn.bias", "bn.running_mean", "bn.running_var", "bn.weight", "conv.bias", "conv.weight"]
         );
         assert_eq!(bag.shape("conv.weight").unwrap(), &[3, 2, 3, 3]);
-        let b = load_module(tiny(&device), &bag, "").unwrap();
+        let b = load_module(tiny(&device, 2, 3), &bag, "").unwrap();
         assert_eq!(module_to_bag(&b), bag);
 
         let mut wrong = TensorBag::new();
         wrong.put_f32("conv.weight", &[3, 2, 1, 1], vec![0.0; 6]);
-        assert!(load_module(tiny(&device), &wrong, "").unwrap_err().to_string().contains("shape"));
+        assert!(load_module(tiny(&device, 2, 3), &wrong, "").unwrap_err().to_string().contains("shape"));
         let mut extra = bag.clone();
         extra.put_f32("head.weight", &[1], vec![0.0]);
-        assert!(load_module(tiny(&device), &extra, "").unwrap_err().to_string().contains("head.weight"));
+        assert!(load_module(tiny(&device, 2, 3), &extra, "")
+            .unwrap_err()
+            .to_string()
+            .contains("head.weight"));
     }
 }
