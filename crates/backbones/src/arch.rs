@@ -3,8 +3,10 @@
 use burn::tensor::{Device, Tensor};
 use vigil_core::Result;
 
+use crate::kernels::Nhwc;
 use crate::layers::{
-    resnet_max_pool, Activation, Classifier, ConvBn, ConvSpec, InvertedResidual, Padding, ResidualBlock,
+    resnet_max_pool, resnet_stem_nhwc, Activation, Classifier, ConvBn, ConvSpec, InvertedResidual, Padding,
+    ResidualBlock,
 };
 use crate::params::Params;
 use crate::BackboneKind;
@@ -25,6 +27,18 @@ impl Block {
             Block::Inverted(block) => block.forward(x),
             Block::ResNetStem(conv) => resnet_max_pool(conv.forward(x)),
             Block::ResNetLayer(blocks) => blocks.iter().fold(x, |y, block| block.forward(y)),
+        }
+    }
+
+    pub fn forward_nhwc(&self, x: &Nhwc) -> Nhwc {
+        match self {
+            Block::Conv(conv) => conv.forward_nhwc(x, None, None),
+            Block::Inverted(block) => block.forward_nhwc(x),
+            Block::ResNetStem(conv) => resnet_stem_nhwc(conv, x),
+            Block::ResNetLayer(blocks) => {
+                let (first, rest) = blocks.split_first().expect("a ResNet layer has blocks");
+                rest.iter().fold(first.forward_nhwc(x), |y, block| block.forward_nhwc(&y))
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use vigil_core::Result;
 
+use crate::kernels::{max_pool_3x3_s2, Nhwc, PackedConv, Pads};
 use crate::params::Params;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,6 +53,8 @@ pub(crate) struct ConvBn {
     groups: usize,
     padding: Padding,
     activation: Activation,
+    /// The same folded weights laid out for the CPU kernels.
+    packed: PackedConv,
 }
 
 impl ConvBn {
@@ -71,6 +74,13 @@ impl ConvBn {
             bias.push(beta[o] - mean[o] * scale);
         }
         let shape = [out_channels, in_channels / spec.groups, kernel, kernel];
+        let packed = PackedConv::new(
+            &weight,
+            bias.clone(),
+            (in_channels, out_channels),
+            (kernel, spec.stride),
+            spec.groups,
+        );
         Ok(ConvBn {
             weight: Tensor::from_data(TensorData::new(weight, shape), device),
             bias: Tensor::from_data(TensorData::new(bias, [out_channels]), device),
@@ -79,18 +89,26 @@ impl ConvBn {
             groups: spec.groups,
             padding: spec.padding,
             activation: spec.activation,
+            packed,
         })
+    }
+
+    /// (top, bottom, left, right) padding for an input of this size.
+    fn pads(&self, height: usize, width: usize) -> Pads {
+        match self.padding {
+            Padding::Symmetric(p) => (p, p, p, p),
+            Padding::TfSame => {
+                let (top, bottom) = tf_same_padding(height, self.kernel, self.stride);
+                let (left, right) = tf_same_padding(width, self.kernel, self.stride);
+                (top, bottom, left, right)
+            }
+        }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [_, _, height, width] = x.dims();
-        let padding = match self.padding {
-            Padding::Symmetric(p) => [(p, p), (p, p)],
-            Padding::TfSame => [
-                tf_same_padding(height, self.kernel, self.stride),
-                tf_same_padding(width, self.kernel, self.stride),
-            ],
-        };
+        let (top, bottom, left, right) = self.pads(height, width);
+        let padding = [(top, bottom), (left, right)];
         let options = ConvOptions::new_with_padding([self.stride; 2], padding, [1, 1], self.groups);
         let y = conv2d(x, self.weight.clone(), Some(self.bias.clone()), options);
         match self.activation {
@@ -98,6 +116,13 @@ impl ConvBn {
             Activation::Relu => relu(y),
             Activation::Relu6 => relu6(y),
         }
+    }
+
+    /// The CPU kernels' forward pass: `activation(conv(x) + residual)`, with this layer's own
+    /// activation unless a block applies another one after the sum.
+    pub fn forward_nhwc(&self, x: &Nhwc, residual: Option<&Nhwc>, activation: Option<Activation>) -> Nhwc {
+        let pads = self.pads(x.height, x.width);
+        self.packed.run(x, pads, residual, activation.unwrap_or(self.activation))
     }
 }
 
@@ -137,6 +162,16 @@ impl InvertedResidual {
             y
         }
     }
+
+    pub fn forward_nhwc(&self, x: &Nhwc) -> Nhwc {
+        let last = self.convs.len() - 1;
+        let mut y: Option<Nhwc> = None;
+        for (i, conv) in self.convs.iter().enumerate() {
+            let residual = (i == last && self.residual).then_some(x);
+            y = Some(conv.forward_nhwc(y.as_ref().unwrap_or(x), residual, None));
+        }
+        y.expect("a block has at least one convolution")
+    }
 }
 
 /// A ResNet basic block or bottleneck: the convolutions (the last without activation), the
@@ -156,6 +191,22 @@ impl ResidualBlock {
         let y = self.convs.iter().fold(x, |y, conv| conv.forward(y));
         relu(y + shortcut)
     }
+
+    pub fn forward_nhwc(&self, x: &Nhwc) -> Nhwc {
+        let shortcut = self.downsample.as_ref().map(|projection| projection.forward_nhwc(x, None, None));
+        let (last, inner) = self.convs.split_last().expect("a block has at least one convolution");
+        let mut y: Option<Nhwc> = None;
+        for conv in inner {
+            y = Some(conv.forward_nhwc(y.as_ref().unwrap_or(x), None, None));
+        }
+        let residual = shortcut.as_ref().unwrap_or(x);
+        last.forward_nhwc(y.as_ref().unwrap_or(x), Some(residual), Some(Activation::Relu))
+    }
+}
+
+/// The ResNet stem on the CPU kernels: conv1 + bn1 + ReLU, then the 3x3/2 max pool.
+pub(crate) fn resnet_stem_nhwc(conv: &ConvBn, x: &Nhwc) -> Nhwc {
+    max_pool_3x3_s2(&conv.forward_nhwc(x, None, None))
 }
 
 /// Global average pooling and a linear layer (PyTorch `weight` [out, in], stored transposed).
@@ -163,6 +214,9 @@ impl ResidualBlock {
 pub(crate) struct Classifier {
     weight_t: Tensor<2>,
     bias: Tensor<2>,
+    /// `[out][in]` and `[out]`, for the CPU kernels.
+    weight_rows: Vec<f32>,
+    bias_values: Vec<f32>,
 }
 
 impl Classifier {
@@ -175,11 +229,14 @@ impl Classifier {
     ) -> Result<Classifier> {
         let weight = params.take(&format!("{name}.weight"), &[out_features, in_features])?;
         let bias = params.take(&format!("{name}.bias"), &[out_features])?;
-        let weight: Tensor<2> =
-            Tensor::from_data(TensorData::new(weight, [out_features, in_features]), device);
+        let weight_t =
+            Tensor::<2>::from_data(TensorData::new(weight.clone(), [out_features, in_features]), device)
+                .transpose();
         Ok(Classifier {
-            weight_t: weight.transpose(),
-            bias: Tensor::from_data(TensorData::new(bias, [1, out_features]), device),
+            weight_t,
+            bias: Tensor::from_data(TensorData::new(bias.clone(), [1, out_features]), device),
+            weight_rows: weight,
+            bias_values: bias,
         })
     }
 
@@ -187,6 +244,15 @@ impl Classifier {
         let [n, c, h, w] = features.dims();
         let pooled = features.reshape([n, c, h * w]).mean_dim(2).reshape([n, c]);
         pooled.matmul(self.weight_t.clone()) + self.bias.clone()
+    }
+
+    pub fn forward_nhwc(&self, features: &Nhwc) -> Vec<f32> {
+        let pooled = features.channel_means();
+        self.weight_rows
+            .chunks_exact(pooled.len())
+            .zip(&self.bias_values)
+            .map(|(row, b)| b + row.iter().zip(&pooled).map(|(w, p)| w * p).sum::<f32>())
+            .collect()
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
-use vigil_backbones::{Backbone, BackboneKind};
+use vigil_backbones::{Backbone, BackboneKind, Engine};
 use vigil_core::{Image, TensorBag};
 
 fn shared_weights() -> Option<PathBuf> {
@@ -35,11 +35,19 @@ fn top5(logits: &[f32]) -> Vec<usize> {
     order
 }
 
-/// `taps` pairs a backbone layer with the golden file's name for it.
+/// `taps` pairs a backbone layer with the golden file's name for it. Both engines are checked.
 fn check_golden(kind: BackboneKind, folder: &str, taps: &[(&str, &str)]) {
     let Some(weights) = shared_weights() else { return };
     let dir = weights.join(folder);
-    let backbone = Backbone::load(kind, &dir.join(format!("{folder}.safetensors"))).unwrap();
+    let loaded = Backbone::load(kind, &dir.join(format!("{folder}.safetensors"))).unwrap();
+    for engine in [Engine::Kernels, Engine::Burn] {
+        check_engine(&loaded.clone().with_engine(engine), &dir, taps);
+    }
+}
+
+fn check_engine(backbone: &Backbone, dir: &Path, taps: &[(&str, &str)]) {
+    let (kind, folder, engine) =
+        (backbone.kind(), dir.file_name().unwrap().to_str().unwrap(), backbone.engine());
     let golden = read_bag(&dir.join(format!("golden_{folder}.safetensors")));
     let top5_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden_top5.json")).unwrap()).unwrap();
@@ -55,13 +63,13 @@ fn check_golden(kind: BackboneKind, folder: &str, taps: &[(&str, &str)]) {
             let want = golden.f32(&format!("{image}.{golden_name}"), None).unwrap();
             let got = feature.into_data().try_into_vec_as::<f32>().unwrap();
             let error = relative_max_error(&got, &want);
-            println!("{kind} {image} {layer}: relative max error {error:.2e}");
+            println!("{kind} {engine:?} {image} {layer}: relative max error {error:.2e}");
             assert!(error < 1e-3, "{image} {layer}: relative max error {error}");
         }
         let logits = backbone.classify_tensor(batch()).unwrap().into_data().try_into_vec_as::<f32>().unwrap();
         let want = golden.f32(&format!("{image}.logits"), Some(&[1, 1000])).unwrap();
         let error = relative_max_error(&logits, &want);
-        println!("{kind} {image} logits: relative max error {error:.2e}");
+        println!("{kind} {engine:?} {image} logits: relative max error {error:.2e}");
         assert!(error < 1e-3, "{image} logits: relative max error {error}");
         let want_top5: Vec<usize> = top5_json[image]["top5_class_index"]
             .as_array()
