@@ -99,29 +99,50 @@ impl Image {
 
 /// Bilinear resampling of one plane, half-pixel centres (PyTorch `align_corners=False`).
 pub fn resize_plane_bilinear(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<f32> {
-    let axis = |dst: usize, src_len: usize| -> Vec<(usize, usize, f32)> {
-        let scale = src_len as f32 / dst as f32;
-        (0..dst)
-            .map(|i| {
-                let s = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (s.floor() as usize).min(src_len - 1);
-                let i1 = (i0 + 1).min(src_len - 1);
-                (i0, i1, s - i0 as f32)
-            })
-            .collect()
-    };
-    let xs = axis(dw, sw);
-    let ys = axis(dh, sh);
-    let mut out = Vec::with_capacity(dw * dh);
-    for &(y0, y1, fy) in &ys {
-        let (r0, r1) = (&src[y0 * sw..(y0 + 1) * sw], &src[y1 * sw..(y1 + 1) * sw]);
-        for &(x0, x1, fx) in &xs {
-            let top = r0[x0] + (r0[x1] - r0[x0]) * fx;
-            let bottom = r1[x0] + (r1[x1] - r1[x0]) * fx;
-            out.push(top + (bottom - top) * fy);
+    let mut out = vec![0.0; dw * dh];
+    BilinearResampler::new((sw, sh), (dw, dh)).resample(src, &mut out);
+    out
+}
+
+/// Bilinear resampling from one plane size to another (half-pixel centres, no antialiasing),
+/// with the interpolation taps computed once for many planes.
+#[derive(Clone, Debug)]
+pub struct BilinearResampler {
+    source_width: usize,
+    /// Per output column / row: the two source indices and the weight of the second.
+    xs: Vec<(usize, usize, f32)>,
+    ys: Vec<(usize, usize, f32)>,
+}
+
+impl BilinearResampler {
+    pub fn new((sw, sh): (usize, usize), (dw, dh): (usize, usize)) -> BilinearResampler {
+        let axis = |dst: usize, src_len: usize| -> Vec<(usize, usize, f32)> {
+            let scale = src_len as f32 / dst as f32;
+            (0..dst)
+                .map(|i| {
+                    let s = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
+                    let i0 = (s.floor() as usize).min(src_len - 1);
+                    let i1 = (i0 + 1).min(src_len - 1);
+                    (i0, i1, s - i0 as f32)
+                })
+                .collect()
+        };
+        BilinearResampler { source_width: sw, xs: axis(dw, sw), ys: axis(dh, sh) }
+    }
+
+    /// Resamples `src` (the source size, row-major) into `out` (the destination size).
+    pub fn resample(&self, src: &[f32], out: &mut [f32]) {
+        let sw = self.source_width;
+        assert_eq!(out.len(), self.xs.len() * self.ys.len(), "resample: destination size");
+        for (&(y0, y1, fy), out_row) in self.ys.iter().zip(out.chunks_exact_mut(self.xs.len())) {
+            let (r0, r1) = (&src[y0 * sw..(y0 + 1) * sw], &src[y1 * sw..(y1 + 1) * sw]);
+            for (&(x0, x1, fx), o) in self.xs.iter().zip(out_row) {
+                let top = r0[x0] + (r0[x1] - r0[x0]) * fx;
+                let bottom = r1[x0] + (r1[x1] - r1[x0]) * fx;
+                *o = top + (bottom - top) * fy;
+            }
         }
     }
-    out
 }
 
 #[cfg(test)]

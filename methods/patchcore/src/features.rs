@@ -1,8 +1,10 @@
 //! Locally aware patch features: each layer averaged over a p×p neighbourhood, deeper layers
 //! up-sampled to the first layer's grid, channels concatenated, optionally pooled to a fixed size.
 
+use rayon::prelude::*;
 use vigil_backbones::FeatureMap;
-use vigil_core::{Map, Result, VigilError};
+use vigil_core::image::BilinearResampler;
+use vigil_core::{Result, VigilError};
 
 /// One image's patch features: `rows` holds `width·height` rows of `dim` values, row-major by
 /// grid position (y, then x).
@@ -24,26 +26,36 @@ pub fn patch_grid(maps: &[FeatureMap], neighbourhood: usize, target_dim: Option<
     let (width, height) = (first.width, first.height);
     let dim: usize = maps.iter().map(|m| m.channels).sum();
     let plane = width * height;
-    let mut chw = Vec::with_capacity(dim * plane);
-    for map in maps {
-        for c in 0..map.channels {
-            let layer = Map { width: map.width, height: map.height, data: map.plane(c).to_vec() };
-            let pooled = if neighbourhood > 1 { layer.mean_filter(neighbourhood) } else { layer };
-            chw.extend(pooled.resize_bilinear(width, height).data);
-        }
-    }
-    if let Some(i) = chw.iter().position(|v| !v.is_finite()) {
+    // (layer, channel) pairs in concatenation order, each pooled and resampled independently
+    let channels: Vec<(&FeatureMap, usize)> =
+        maps.iter().flat_map(|m| (0..m.channels).map(move |c| (m, c))).collect();
+    let resamplers: Vec<BilinearResampler> =
+        maps.iter().map(|m| BilinearResampler::new((m.width, m.height), (width, height))).collect();
+    let layer_of =
+        |map: &FeatureMap| maps.iter().position(|m| std::ptr::eq(m, map)).expect("map of this list");
+    let planes: Vec<Vec<f32>> = channels
+        .par_iter()
+        .map(|&(map, c)| {
+            let pooled = average_pool(map.plane(c), map.width, map.height, neighbourhood);
+            if (map.width, map.height) == (width, height) {
+                pooled
+            } else {
+                let mut resized = vec![0.0; plane];
+                resamplers[layer_of(map)].resample(&pooled, &mut resized);
+                resized
+            }
+        })
+        .collect();
+    if let Some((c, v)) =
+        planes.iter().enumerate().find_map(|(c, p)| p.iter().find(|v| !v.is_finite()).map(|v| (c, *v)))
+    {
         return Err(VigilError::invalid(format!(
-            "PatchCore: backbone feature {} at channel {} is not finite",
-            chw[i],
-            i / plane
+            "PatchCore: backbone feature {v} at channel {c} is not finite"
         )));
     }
     let mut rows = vec![0f32; plane * dim];
-    for (c, channel) in chw.chunks_exact(plane).enumerate() {
-        for (pos, &v) in channel.iter().enumerate() {
-            rows[pos * dim + c] = v;
-        }
+    for (pos, row) in rows.chunks_exact_mut(dim).enumerate() {
+        row.iter_mut().zip(&planes).for_each(|(v, p)| *v = p[pos]);
     }
     match target_dim {
         Some(t) if t != dim => {
@@ -52,6 +64,32 @@ pub fn patch_grid(maps: &[FeatureMap], neighbourhood: usize, target_dim: Option<
         }
         _ => Ok(PatchGrid { width, height, dim, rows }),
     }
+}
+
+/// PyTorch's `avg_pool2d(k, stride 1, padding k/2)` with padding counted (a plain k×k window
+/// sum over k²), as separable running sums; k = 1 leaves the plane as it is.
+fn average_pool(values: &[f32], width: usize, height: usize, k: usize) -> Vec<f32> {
+    if k <= 1 {
+        return values.to_vec();
+    }
+    let r = k / 2;
+    let window_sum = |get: &dyn Fn(usize) -> f32, n: usize, out: &mut dyn FnMut(usize, f32)| {
+        for i in 0..n {
+            let (lo, hi) = (i.saturating_sub(r), (i + r + 1).min(n));
+            out(i, (lo..hi).map(get).sum());
+        }
+    };
+    let mut rows = vec![0f32; values.len()];
+    for y in 0..height {
+        let line = &values[y * width..(y + 1) * width];
+        window_sum(&|x| line[x], width, &mut |x, s| rows[y * width + x] = s);
+    }
+    let scale = 1.0 / (k * k) as f32;
+    let mut out = vec![0f32; values.len()];
+    for x in 0..width {
+        window_sum(&|y| rows[y * width + x], height, &mut |y, s| out[y * width + x] = s * scale);
+    }
+    out
 }
 
 /// PyTorch's `adaptive_avg_pool1d`: output i averages inputs floor(i·n/t) .. ceil((i+1)·n/t).

@@ -95,25 +95,23 @@ impl MemoryBank {
         let dim = self.dim;
         let nq = best.len();
         let q_norms: Vec<f32> = queries.chunks_exact(dim).map(|q| q.iter().map(|v| v * v).sum()).collect();
-        let mut bank_block = Vec::with_capacity(BANK_BLOCK * dim);
+        // f16 banks are widened block by block; f32 blocks are read in place
+        let mut bank_block = Vec::new();
         let mut dots = vec![0f32; nq * BANK_BLOCK];
         for start in (0..self.rows()).step_by(BANK_BLOCK) {
             let end = (start + BANK_BLOCK).min(self.rows());
             let nb = end - start;
-            self.data.widen_into(start * dim, end * dim, &mut bank_block);
-            matmul_nt(queries, &bank_block, dim, &mut dots[..nq * nb], -2.0);
-            for (r, row) in dots[..nq * nb].chunks_exact(nb).enumerate() {
-                let mut b = best[r];
-                let mut bi = best_index[r];
-                for (j, (&dot, &norm)) in row.iter().zip(&self.norms[start..end]).enumerate() {
-                    let d = dot + norm;
-                    if d < b {
-                        b = d;
-                        bi = (start + j) as u32;
-                    }
+            let block = match &self.data {
+                BankData::F32(values) => &values[start * dim..end * dim],
+                BankData::F16(_) => {
+                    self.data.widen_into(start * dim, end * dim, &mut bank_block);
+                    &bank_block[..]
                 }
-                best[r] = b;
-                best_index[r] = bi;
+            };
+            // one row per bank row, so the minimum runs along rows across all queries at once
+            matmul_nt(block, queries, dim, &mut dots[..nb * nq], -2.0);
+            for (j, row) in dots[..nb * nq].chunks_exact(nq).enumerate() {
+                lower_minima(row, self.norms[start + j], (start + j) as u32, best, best_index);
             }
         }
         for (d, qn) in best.iter_mut().zip(q_norms) {
@@ -144,6 +142,46 @@ impl MemoryBank {
         }
         scored.sort_unstable_by(by_distance);
         scored.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+/// For every query q: if `dots[q] + norm` is below `best[q]`, it becomes the best and `index`
+/// its bank row. Bank rows come in increasing order, so ties keep the lowest index.
+fn lower_minima(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the feature the function was compiled for.
+            return unsafe { lower_minima_avx512(dots, norm, index, best, best_index) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { lower_minima_avx2(dots, norm, index, best, best_index) };
+        }
+    }
+    lower_minima_generic(dots, norm, index, best, best_index)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn lower_minima_avx512(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]) {
+    lower_minima_generic(dots, norm, index, best, best_index)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn lower_minima_avx2(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]) {
+    lower_minima_generic(dots, norm, index, best, best_index)
+}
+
+/// Written as compare-and-select so it vectorises across queries.
+#[inline(always)]
+fn lower_minima_generic(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]) {
+    for ((&dot, b), i) in dots.iter().zip(best.iter_mut()).zip(best_index.iter_mut()) {
+        let v = dot + norm;
+        let better = v < *b;
+        *b = if better { v } else { *b };
+        *i = if better { index } else { *i };
     }
 }
 
