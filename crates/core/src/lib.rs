@@ -14,7 +14,7 @@ pub mod threshold;
 pub use detector::{ChannelMode, Detector, FitContext, ImageSource, InMemorySource, ScoreOutput};
 pub use error::{Result, VigilError};
 pub use image::Image;
-pub use map::Map;
+pub use map::{BlurBorder, Map};
 pub use mask::Mask;
 pub use model_file::ModelFile;
 pub use tensors::TensorBag;

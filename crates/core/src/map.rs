@@ -1,4 +1,5 @@
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::image::resize_plane_bilinear;
 use crate::{Result, VigilError};
@@ -9,6 +10,32 @@ pub struct Map {
     pub width: usize,
     pub height: usize,
     pub data: Vec<f32>,
+}
+
+/// How a filter sees past the edge of a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlurBorder {
+    /// Mirrored about the edge between pixels, the edge pixel repeated: `d c b a | a b c d | d c b a`
+    /// (scipy `mode="reflect"`, PyTorch `"symmetric"`).
+    HalfSample,
+    /// Mirrored about the edge pixel's centre, not repeated: `d c b | a b c d | c b a` (PyTorch and
+    /// kornia `"reflect"`, as anomalib's blur).
+    WholeSample,
+}
+
+impl BlurBorder {
+    /// The in-range index that position `i` of an axis of length `n` reads.
+    fn index(self, i: isize, n: usize) -> usize {
+        let n = n as isize;
+        let (period, last) = match self {
+            BlurBorder::HalfSample => (2 * n, 2 * n - 1),
+            BlurBorder::WholeSample if n > 1 => (2 * n - 2, 2 * n - 2),
+            BlurBorder::WholeSample => return 0,
+        };
+        let m = i.rem_euclid(period);
+        (if m >= n { last - m } else { m }) as usize
+    }
 }
 
 impl Map {
@@ -65,6 +92,21 @@ impl Map {
         Map { width, height, data }
     }
 
+    /// Nearest-neighbour resampling with half-pixel centres (PyTorch `mode="nearest"` for
+    /// integer factors).
+    pub fn resize_nearest(&self, width: usize, height: usize) -> Map {
+        let index = |i: usize, src: usize, dst: usize| {
+            (((i as f64 + 0.5) * src as f64 / dst as f64) as usize).min(src - 1)
+        };
+        let xs: Vec<usize> = (0..width).map(|x| index(x, self.width, width)).collect();
+        let mut data = Vec::with_capacity(width * height);
+        for y in 0..height {
+            let row = &self.data[index(y, self.height, height) * self.width..][..self.width];
+            data.extend(xs.iter().map(|&x| row[x]));
+        }
+        Map { width, height, data }
+    }
+
     /// Mean over a `k`×`k` window (k odd), zero padding counted as in PyTorch's `avg_pool2d`
     /// with `count_include_pad=True`, which DRAEM's 21×21 image score uses.
     pub fn mean_filter(&self, k: usize) -> Map {
@@ -106,8 +148,14 @@ impl Map {
         Map { width: w, height: h, data: out }
     }
 
-    /// Gaussian blur with reflect padding, truncated at 4σ (as scipy/PatchCore's smoothing).
+    /// Gaussian blur with half-sample mirror padding, truncated at 4σ (scipy's
+    /// `gaussian_filter`, as the original PatchCore and PaDiM code smooth).
     pub fn gaussian_blur(&self, sigma: f32) -> Map {
+        self.gaussian_blur_with(sigma, BlurBorder::HalfSample)
+    }
+
+    /// Gaussian blur truncated at 4σ (a kernel of 2·round(4σ)+1 taps) with the given border.
+    pub fn gaussian_blur_with(&self, sigma: f32, border: BlurBorder) -> Map {
         if sigma <= 0.0 {
             return self.clone();
         }
@@ -117,15 +165,7 @@ impl Map {
         let total: f32 = kernel.iter().sum();
         let kernel: Vec<f32> = kernel.iter().map(|v| v / total).collect();
         let (w, h) = (self.width, self.height);
-        let reflect = |i: isize, n: usize| -> usize {
-            // scipy "reflect": (d c b a | a b c d | d c b a)
-            let period = 2 * n as isize;
-            let mut m = i.rem_euclid(period);
-            if m >= n as isize {
-                m = period - 1 - m;
-            }
-            m as usize
-        };
+        let reflect = |i: isize, n: usize| border.index(i, n);
         // Taps are summed in kernel order for every pixel, but with the loop over pixels
         // innermost so it vectorises: the same sums as a per-pixel loop, much faster on the
         // 256-px maps PatchCore and PaDiM blur for every image.
@@ -204,6 +244,22 @@ mod tests {
                 assert_eq!(b.get(y, x), acc, "({x}, {y})");
             }
         }
+    }
+
+    #[test]
+    fn blur_borders_mirror_as_scipy_and_pytorch() {
+        let read = |border: BlurBorder| (-4..8).map(|i| border.index(i, 4)).collect::<Vec<_>>();
+        // a b c d = 0 1 2 3, read from four before to four after
+        assert_eq!(read(BlurBorder::HalfSample), [3, 2, 1, 0, 0, 1, 2, 3, 3, 2, 1, 0]);
+        assert_eq!(read(BlurBorder::WholeSample), [2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1]);
+        assert_eq!(BlurBorder::WholeSample.index(-3, 1), 0);
+        // the borders differ only near the edges
+        let m = Map::new(40, 1, (0..40).map(|i| (i % 7) as f32).collect()).unwrap();
+        let (a, b) = (m.gaussian_blur_with(1.0, BlurBorder::HalfSample), m.gaussian_blur(1.0));
+        assert_eq!(a, b);
+        let c = m.gaussian_blur_with(1.0, BlurBorder::WholeSample);
+        assert_eq!(a.data[10..30], c.data[10..30]);
+        assert_ne!(a.data[0], c.data[0]);
     }
 
     #[test]

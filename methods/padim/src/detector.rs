@@ -9,8 +9,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use vigil_backbones::{Backbone, BackboneKind, FeatureMap};
 use vigil_core::{
-    progress, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput,
-    TensorBag, VigilError,
+    progress, BlurBorder, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result,
+    ScoreOutput, TensorBag, VigilError,
 };
 
 use crate::gaussian::{mahalanobis, GaussianAccumulator};
@@ -40,6 +40,9 @@ pub struct PadimSettings {
     pub eps: f64,
     /// Gaussian smoothing of the anomaly map, in input-size pixels.
     pub sigma: f32,
+    /// The smoothing's border: `whole-sample` mirror (anomalib, the default) or `half-sample`
+    /// (scipy, as the original code).
+    pub blur_border: BlurBorder,
     /// Images per backbone pass and per statistics update.
     pub batch_size: usize,
 }
@@ -55,6 +58,7 @@ impl Default for PadimSettings {
             input_size: 256,
             eps: 0.01,
             sigma: 4.0,
+            blur_border: BlurBorder::WholeSample,
             batch_size: 16,
         }
     }
@@ -292,7 +296,7 @@ impl Detector for PadimDetector {
         let (iw, ih) = self.input_size();
         let map = Map::new(w, h, dist)?
             .resize_bilinear(iw, ih)
-            .gaussian_blur(self.settings.sigma)
+            .gaussian_blur_with(self.settings.sigma, self.settings.blur_border)
             .resize_bilinear(image.width, image.height);
         let image_score = match ignore.filter(|m| m.count() < m.data.len()) {
             None => map.max(),

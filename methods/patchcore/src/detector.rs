@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use vigil_backbones::{Backbone, BackboneKind};
 use vigil_core::tensors::TensorData;
 use vigil_core::{
-    progress, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput,
-    TensorBag, VigilError,
+    progress, BlurBorder, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result,
+    ScoreOutput, TensorBag, VigilError,
 };
 
 use crate::coreset::{squared_distance, GaussianProjection, StreamingCoreset};
@@ -53,8 +53,14 @@ pub struct PatchcoreSettings {
     /// Memory-bank neighbours of the nearest patch used by the image-score re-weighting
     /// (1 disables it: the image score is the largest patch distance).
     pub num_neighbors: usize,
+    /// How the patch-distance grid is brought to the input size before smoothing: `nearest`
+    /// (anomalib, the default) or `bilinear` (the paper's wording).
+    pub map_upsampling: MapUpsampling,
     /// Gaussian smoothing of the anomaly map, in input-size pixels.
     pub sigma: f32,
+    /// The smoothing's border: `whole-sample` mirror (anomalib, the default) or `half-sample`
+    /// (scipy, as the original code).
+    pub blur_border: BlurBorder,
     /// Images per backbone pass during the fit.
     pub batch_size: usize,
 }
@@ -75,10 +81,19 @@ impl Default for PatchcoreSettings {
             memory_budget_mb: 4096,
             f16_bank: false,
             num_neighbors: 9,
+            map_upsampling: MapUpsampling::Nearest,
             sigma: 4.0,
+            blur_border: BlurBorder::WholeSample,
             batch_size: 8,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapUpsampling {
+    Bilinear,
+    Nearest,
 }
 
 /// The layer pair each backbone taps by default: strides 8 and 16, mid-level features as in
@@ -293,10 +308,13 @@ impl Detector for PatchcoreDetector {
         let valid = valid_cells(ignore, grid.width, grid.height);
         let (dist, image_score) = self.patch_scores(bank, &grid, valid.as_deref());
         let (iw, ih) = self.input_size();
-        let map = Map::new(grid.width, grid.height, dist)?
-            .resize_bilinear(iw, ih)
-            .gaussian_blur(self.settings.sigma)
-            .resize_bilinear(image.width, image.height);
+        let grid_map = Map::new(grid.width, grid.height, dist)?;
+        let map = match self.settings.map_upsampling {
+            MapUpsampling::Bilinear => grid_map.resize_bilinear(iw, ih),
+            MapUpsampling::Nearest => grid_map.resize_nearest(iw, ih),
+        }
+        .gaussian_blur_with(self.settings.sigma, self.settings.blur_border)
+        .resize_bilinear(image.width, image.height);
         Ok(ScoreOutput { map, image_score: Some(image_score), log10_nfa: None })
     }
 

@@ -16,4 +16,4 @@ pub mod detector;
 pub mod features;
 pub mod knn;
 
-pub use detector::{default_layers, PatchcoreDetector, PatchcoreSettings};
+pub use detector::{default_layers, MapUpsampling, PatchcoreDetector, PatchcoreSettings};
