@@ -261,55 +261,10 @@ fn accumulate_product(rows: &[f32], depth: usize, weights: &[f32], cout: usize, 
     }
 }
 
-fn depthwise_row(
-    row: &mut [f32],
-    oy: usize,
-    x: &Nhwc,
-    g: &Geometry,
-    weights: &[f32],
-    k: usize,
-    stride: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { depthwise_row_avx512(row, oy, x, g, weights, k, stride) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { depthwise_row_avx2(row, oy, x, g, weights, k, stride) };
-        }
-    }
-    depthwise_row_generic::<false>(row, oy, x, g, weights, k, stride)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn depthwise_row_avx512(
-    row: &mut [f32],
-    oy: usize,
-    x: &Nhwc,
-    g: &Geometry,
-    weights: &[f32],
-    k: usize,
-    stride: usize,
-) {
-    depthwise_row_generic::<true>(row, oy, x, g, weights, k, stride)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn depthwise_row_avx2(
-    row: &mut [f32],
-    oy: usize,
-    x: &Nhwc,
-    g: &Geometry,
-    weights: &[f32],
-    k: usize,
-    stride: usize,
-) {
-    depthwise_row_generic::<true>(row, oy, x, g, weights, k, stride)
+vigil_core::simd_dispatch! {
+    fn depthwise_row(row: &mut [f32], oy: usize, x: &Nhwc, g: &Geometry, weights: &[f32], k: usize, stride: usize);
+    fast = depthwise_row_generic::<true>(row, oy, x, g, weights, k, stride);
+    portable = depthwise_row_generic::<false>(row, oy, x, g, weights, k, stride);
 }
 
 /// Channels per depthwise accumulator block: one AVX-512 register, two AVX2 ones.
@@ -523,6 +478,34 @@ mod tests {
                     error < 1e-4,
                     "cin {cin} cout {cout} k {k} s {stride} g {groups} {h}x{w}: error {error}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise_rows_agree_on_every_instruction_set() {
+        // 20 channels: one 16-lane block and a 4-channel tail; 11 columns: inner runs of four
+        // pixels, single inner pixels and border pixels.
+        let (c, h, w, k) = (20, 7, 11, 3);
+        let x = Nhwc::from_planar(c, h, w, &values(c * h * w, 9));
+        let weights = values(k * k * c, 10);
+        for (stride, pads) in [(1, (1, 1, 1, 1)), (2, (0, 1, 0, 1))] {
+            let out_w = (w + pads.2 + pads.3 - k) / stride + 1;
+            let g = Geometry { in_h: h, in_w: w, out_w, top: pads.0, left: pads.2 };
+            for oy in 0..(h + pads.0 + pads.1 - k) / stride + 1 {
+                let bias = values(out_w * c, 11);
+                let mut dispatched = bias.clone();
+                depthwise_row(&mut dispatched, oy, &x, &g, &weights, k, stride);
+                for portable in [false, true] {
+                    let mut row = bias.clone();
+                    if portable {
+                        depthwise_row_generic::<false>(&mut row, oy, &x, &g, &weights, k, stride);
+                    } else {
+                        depthwise_row_generic::<true>(&mut row, oy, &x, &g, &weights, k, stride);
+                    }
+                    let error = row.iter().zip(&dispatched).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(error < 1e-5, "stride {stride} row {oy} portable {portable}: {error}");
+                }
             }
         }
     }

@@ -114,38 +114,20 @@ fn farther(a: (f32, usize), b: (f32, usize)) -> (f32, usize) {
     }
 }
 
-/// Lowers each row's squared distance-to-set with its distance to `centre` (centre number `t`,
-/// at squared distances `centre_dist` from the earlier centres), returning the largest
-/// remaining distance in the block and its offset.
-fn update_block(
-    min_dist: &mut [f32],
-    nearest: &mut [u32],
-    rows: &[f32],
-    centre: &[f32],
-    centre_dist: &[f32],
-    t: u32,
-) -> (f32, usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { update_block_avx2(min_dist, nearest, rows, centre, centre_dist, t) };
-        }
-    }
-    update_block_generic(min_dist, nearest, rows, centre, centre_dist, t)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn update_block_avx2(
-    min_dist: &mut [f32],
-    nearest: &mut [u32],
-    rows: &[f32],
-    centre: &[f32],
-    centre_dist: &[f32],
-    t: u32,
-) -> (f32, usize) {
-    update_block_generic(min_dist, nearest, rows, centre, centre_dist, t)
+vigil_core::simd_dispatch! {
+    /// Lowers each row's squared distance-to-set with its distance to `centre` (centre number `t`,
+    /// at squared distances `centre_dist` from the earlier centres), returning the largest
+    /// remaining distance in the block and its offset.
+    fn update_block(
+        min_dist: &mut [f32],
+        nearest: &mut [u32],
+        rows: &[f32],
+        centre: &[f32],
+        centre_dist: &[f32],
+        t: u32,
+    ) -> (f32, usize);
+    fast = update_block_generic(min_dist, nearest, rows, centre, centre_dist, t);
+    portable = update_block_generic(min_dist, nearest, rows, centre, centre_dist, t);
 }
 
 #[inline(always)]

@@ -145,33 +145,12 @@ impl MemoryBank {
     }
 }
 
-/// For every query q: if `dots[q] + norm` is below `best[q]`, it becomes the best and `index`
-/// its bank row. Bank rows come in increasing order, so ties keep the lowest index.
-fn lower_minima(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the feature the function was compiled for.
-            return unsafe { lower_minima_avx512(dots, norm, index, best, best_index) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { lower_minima_avx2(dots, norm, index, best, best_index) };
-        }
-    }
-    lower_minima_generic(dots, norm, index, best, best_index)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn lower_minima_avx512(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]) {
-    lower_minima_generic(dots, norm, index, best, best_index)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn lower_minima_avx2(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]) {
-    lower_minima_generic(dots, norm, index, best, best_index)
+vigil_core::simd_dispatch! {
+    /// For every query q: if `dots[q] + norm` is below `best[q]`, it becomes the best and `index`
+    /// its bank row. Bank rows come in increasing order, so ties keep the lowest index.
+    fn lower_minima(dots: &[f32], norm: f32, index: u32, best: &mut [f32], best_index: &mut [u32]);
+    fast = lower_minima_generic(dots, norm, index, best, best_index);
+    portable = lower_minima_generic(dots, norm, index, best, best_index);
 }
 
 /// Written as compare-and-select so it vectorises across queries.
