@@ -637,6 +637,20 @@ mod tests {
     }
 
     #[test]
+    fn kernel_features_do_not_depend_on_the_thread_count() {
+        let image =
+            Image::new(96, 80, 3, (0..96 * 80 * 3).map(|i| ((i * 29) % 256) as f32 / 255.0).collect())
+                .unwrap();
+        let backbone = Backbone::random(BackboneKind::EfficientNetLite0, 3).with_engine(Engine::Kernels);
+        let layers = vec!["_blocks.4".to_string(), "_blocks.10".to_string()];
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| backbone.extract(std::slice::from_ref(&image), &layers, (128, 96)).unwrap())
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
     fn both_engines_give_the_same_features_for_every_architecture() {
         let image =
             Image::new(70, 50, 3, (0..70 * 50 * 3).map(|i| ((i * 13) % 256) as f32 / 255.0).collect())
