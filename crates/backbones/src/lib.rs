@@ -15,7 +15,7 @@
 //!
 //! On the default CPU build the networks run on vigil's own channels-last kernels
 //! ([`Engine::Kernels`]: fused bias, residual and activation, depthwise filters vectorised across
-//! channels, rows split among threads), several times faster at batch 1 than the same network
+//! channels, rows split among threads), 2–3× faster at batch 1 than the same network
 //! as burn-flex operations. With a GPU build feature the default is [`Engine::Burn`], the same
 //! network as burn tensor operations on that device. Both engines are checked against the same
 //! reference activations.

@@ -123,7 +123,7 @@ pub struct FitArgs {
     /// Seed for every random choice (validation split, sampling, initialisation).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Keep training checkpoints here so an interrupted fit resumes (neural methods).
+    /// Keep training checkpoints here so an interrupted fit resumes exactly (draem, draem-unetpp, uflow).
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
     #[command(flatten)]

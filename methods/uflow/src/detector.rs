@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use burn::optim::decay::WeightDecayConfig;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -17,6 +16,8 @@ use vigil_core::{
     ThresholdKind, VigilError,
 };
 use vigil_nfa::maxtree::{tree_log10_nfa, Chi2Map};
+use vigil_nn::train::{run_training, LoopConfig, TrainTask};
+use vigil_nn::{adam, optimizer_bytes, restore_optimizer, stable_param_ids, Checkpoint};
 
 use crate::block_nfa::{BlockNfa, Latent};
 use crate::flow::{nll_loss, UFlow, UFlowShape};
@@ -51,6 +52,8 @@ pub struct UflowSettings {
     pub weight_decay: f64,
     /// The learning rate decays linearly from 1 to this factor over the whole fit.
     pub lr_end_factor: f64,
+    /// Write a resumable checkpoint every this many steps (when a checkpoint folder is given).
+    pub checkpoint_every: usize,
     pub segmentation: Segmentation,
     /// The paper's MS-CaiT extractor; when set it replaces `backbone`, `weights`, `layers` and
     /// `input_size` (the transformers fix their own input sizes, 448 and 224).
@@ -80,6 +83,7 @@ impl Default for UflowSettings {
             learning_rate: 1e-3,
             weight_decay: 1e-5,
             lr_end_factor: 0.4,
+            checkpoint_every: 50,
             segmentation: Segmentation::Tree,
             ms_cait: None,
         }
@@ -101,8 +105,15 @@ impl UflowSettings {
         if self.layers.is_empty() {
             return bad("at least one backbone layer is needed".into());
         }
-        if self.input_size == 0 || self.flow_steps == 0 || self.epochs == 0 || self.batch_size == 0 {
-            return bad("input_size, flow_steps, epochs and batch_size must be positive".into());
+        if self.input_size == 0
+            || self.flow_steps == 0
+            || self.epochs == 0
+            || self.batch_size == 0
+            || self.checkpoint_every == 0
+        {
+            return bad(
+                "input_size, flow_steps, epochs, batch_size and checkpoint_every must be positive".into()
+            );
         }
         // Written so that NaN fails too.
         let rates_valid = self.learning_rate > 0.0 && self.lr_end_factor > 0.0 && self.weight_decay >= 0.0;
@@ -371,14 +382,30 @@ impl UflowDetector {
     }
 }
 
+/// The checkpoint's file name inside `FitContext::checkpoint_dir`.
+const CHECKPOINT_FILE: &str = "uflow-train.ckpt";
+
 /// Trains a U-Flow on standardised features (`images[i][scale]`, channel-major, shapes
 /// (channels, side) finest first). Returns the inference-side flow and the mean loss per latent
-/// dimension of each epoch.
+/// dimension of each epoch. With a checkpoint folder in `ctx`, the state is written every
+/// `checkpoint_every` steps and a later call with the same folder resumes from it exactly.
 pub fn train_flow(
     settings: &UflowSettings,
     images: &[Vec<Vec<f32>>],
     shapes: &[(usize, usize)],
     ctx: &FitContext,
+) -> Result<(UFlow, Vec<f32>)> {
+    train_flow_session(settings, images, shapes, ctx, None)
+}
+
+/// [`train_flow`] that stops this session (after writing a checkpoint) once `session_limit`
+/// steps are done in total, returning [`VigilError::Interrupted`]; a later call finishes the run.
+pub fn train_flow_session(
+    settings: &UflowSettings,
+    images: &[Vec<Vec<f32>>],
+    shapes: &[(usize, usize)],
+    ctx: &FitContext,
+    session_limit: Option<usize>,
 ) -> Result<(UFlow, Vec<f32>)> {
     settings.validate()?;
     if images.is_empty() {
@@ -397,51 +424,143 @@ pub fn train_flow(
         feature_channels: shapes.iter().map(|s| s.0).collect(),
         steps_per_stage: settings.flow_steps,
     };
+    let checkpoint_path = ctx.checkpoint_dir.as_ref().map(|d| d.join(CHECKPOINT_FILE));
+    if session_limit.is_some() && checkpoint_path.is_none() {
+        return Err(VigilError::Config(
+            "a session step limit needs a checkpoint folder to resume from".into(),
+        ));
+    }
+    let resume = match &checkpoint_path {
+        Some(path) => Checkpoint::read_if_exists(path)?,
+        None => None,
+    };
+    // What a checkpoint must agree with to be resumed.
+    let run = serde_json::json!({ "settings": settings, "images": images.len(), "shapes": shapes });
     let device = Device::flex().autodiff();
     let mut flow = UFlow::new(&shape, ctx.seed, &device)?;
-    let mut optimizer = AdamConfig::new()
-        .with_weight_decay(Some(WeightDecayConfig::new(settings.weight_decay as f32)))
-        .init();
-    let dims_per_image: usize = shapes.iter().map(|(c, s)| c * s * s).sum();
+    let mut optimizer = adam(settings.weight_decay as f32);
+    if let (Some(ck), Some(path)) = (&resume, &checkpoint_path) {
+        if ck.meta.get("run") != Some(&run) || ck.seed != ctx.seed {
+            return Err(VigilError::file(
+                path,
+                "was written by a run with other settings, data or seed; delete it to start over",
+            ));
+        }
+        flow =
+            UFlow::load(&shape, &ck.weights, &device).map_err(|e| VigilError::file(path, e.to_string()))?;
+        let bytes =
+            ck.optimizers.first().ok_or_else(|| VigilError::file(path, "holds no optimiser state"))?;
+        optimizer = restore_optimizer(optimizer, bytes)?;
+    }
     let batches_per_epoch = images.len().div_ceil(settings.batch_size);
-    let total_steps = (settings.epochs * batches_per_epoch) as f64;
-    let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed);
-    let mut order: Vec<usize> = (0..images.len()).collect();
-    let progress = ctx.show_progress.then(|| vigil_core::progress::bar(settings.epochs as u64, "uflow"));
-    let mut losses = Vec::with_capacity(settings.epochs);
-    let mut step = 0usize;
-    for _ in 0..settings.epochs {
-        order.shuffle(&mut rng);
-        let mut epoch_loss = 0.0;
-        for batch in order.chunks(settings.batch_size) {
-            let batch_images: Vec<&Vec<Vec<f32>>> = batch.iter().map(|&i| &images[i]).collect();
-            let inputs =
-                (0..shapes.len()).map(|l| batch_tensor(&batch_images, l, shapes[l], &device)).collect();
-            let (latents, log_det) = flow.forward(inputs);
-            let loss = nll_loss(&latents, log_det);
-            let value = loss.clone().into_scalar::<f32>();
-            if !value.is_finite() {
-                return Err(VigilError::Model(format!("uflow: training loss became {value} at step {step}")));
-            }
-            epoch_loss += value * batch.len() as f32;
-            let grads = GradientsParams::from_grads(loss.backward(), &flow);
-            // PyTorch LinearLR: factor 1 → lr_end_factor over all steps.
-            let factor = 1.0 + (settings.lr_end_factor - 1.0) * step as f64 / total_steps;
-            flow = optimizer.step(settings.learning_rate * factor, flow, grads);
-            step += 1;
-        }
-        losses.push(epoch_loss / (images.len() * dims_per_image) as f32);
-        if let Some(bar) = &progress {
-            bar.inc(1);
-        }
+    let total_steps = settings.epochs * batches_per_epoch;
+    let mut task = FlowTask {
+        flow: Some(stable_param_ids(flow)),
+        optimizer,
+        settings,
+        images,
+        shapes,
+        seed: ctx.seed,
+        run,
+        batches_per_epoch,
+        total_steps,
+        order: None,
+        device,
+    };
+    let mut config = LoopConfig::new(total_steps, "uflow");
+    config.checkpoint_every = if checkpoint_path.is_some() { settings.checkpoint_every } else { 0 };
+    config.checkpoint_path = checkpoint_path;
+    config.session_limit = session_limit;
+    config.show_progress = ctx.show_progress;
+    let outcome = run_training(&mut task, &config, resume.as_ref())?;
+    if !outcome.finished {
+        return Err(VigilError::Interrupted(format!(
+            "uflow training stopped after step {} of {total_steps}; fit again with the same checkpoint folder \
+             to resume",
+            outcome.steps_done
+        )));
     }
-    if let Some(bar) = progress {
-        bar.finish_and_clear();
-    }
+    // Per epoch: the batch losses weighted by batch size, per latent dimension.
+    let dims_per_image: usize = shapes.iter().map(|(c, s)| c * s * s).sum();
+    let losses = outcome
+        .state
+        .losses
+        .chunks(batches_per_epoch)
+        .map(|epoch| {
+            let total: f32 = epoch
+                .iter()
+                .enumerate()
+                .map(|(b, loss)| {
+                    loss * settings.batch_size.min(images.len() - b * settings.batch_size) as f32
+                })
+                .sum();
+            total / (images.len() * dims_per_image) as f32
+        })
+        .collect();
     // Inference runs without the autodiff graph: rebuild the flow from its learned state.
     let mut bag = TensorBag::new();
-    flow.save(&mut bag);
+    task.flow.as_ref().expect("flow present after training").save(&mut bag);
     Ok((UFlow::load(&shape, &bag, &Device::flex())?, losses))
+}
+
+/// One U-Flow optimiser step at a time, for the resumable training loop. The data order of
+/// each epoch is a pure function of (seed, epoch), so a resumed run draws the same batches.
+struct FlowTask<'a> {
+    flow: Option<UFlow>,
+    optimizer: ModuleOptimizer,
+    settings: &'a UflowSettings,
+    images: &'a [Vec<Vec<f32>>],
+    shapes: &'a [(usize, usize)],
+    seed: u64,
+    run: serde_json::Value,
+    batches_per_epoch: usize,
+    total_steps: usize,
+    /// The current epoch and its image order.
+    order: Option<(usize, Vec<usize>)>,
+    device: Device,
+}
+
+impl TrainTask for FlowTask<'_> {
+    fn step(&mut self, step: usize) -> Result<f32> {
+        let epoch = step / self.batches_per_epoch;
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(epoch as u64);
+            let mut order: Vec<usize> = (0..self.images.len()).collect();
+            order.shuffle(&mut rng);
+            self.order = Some((epoch, order));
+        }
+        let (_, order) = self.order.as_ref().expect("order set above");
+        let size = self.settings.batch_size;
+        let first = (step % self.batches_per_epoch) * size;
+        let batch: Vec<&Vec<Vec<f32>>> =
+            order[first..(first + size).min(order.len())].iter().map(|&i| &self.images[i]).collect();
+        let inputs =
+            (0..self.shapes.len()).map(|l| batch_tensor(&batch, l, self.shapes[l], &self.device)).collect();
+        let flow = self.flow.take().expect("flow present between steps");
+        let (latents, log_det) = flow.forward(inputs);
+        let loss = nll_loss(&latents, log_det);
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &flow);
+        // PyTorch LinearLR: factor 1 → lr_end_factor over all steps.
+        let factor = 1.0 + (self.settings.lr_end_factor - 1.0) * step as f64 / self.total_steps as f64;
+        self.flow = Some(self.optimizer.step(self.settings.learning_rate * factor, flow, grads));
+        Ok(value)
+    }
+
+    fn snapshot(&self) -> Result<Checkpoint> {
+        let mut weights = TensorBag::new();
+        self.flow.as_ref().expect("flow present between steps").save(&mut weights);
+        Ok(Checkpoint {
+            step: 0,
+            seed: self.seed,
+            rng: None,
+            schedule: None,
+            meta: serde_json::json!({ "run": self.run }),
+            weights,
+            optimizers: vec![optimizer_bytes(&self.optimizer)?],
+        })
+    }
 }
 
 impl Detector for UflowDetector {
@@ -567,6 +686,39 @@ mod tests {
         // Same seed, same training.
         let (_, again) = train_flow(&settings, &images, &shapes, &FitContext::default()).unwrap();
         assert_eq!(losses, again);
+    }
+
+    #[test]
+    fn interrupted_training_resumes_to_the_same_flow() {
+        let shapes = [(4, 4), (8, 2)];
+        // 10 images in batches of 4: three steps per epoch, the last one short.
+        let images = synthetic_features(10, &shapes, 2);
+        let settings = UflowSettings {
+            epochs: 4,
+            batch_size: 4,
+            flow_steps: 2,
+            checkpoint_every: 5,
+            ..UflowSettings::default()
+        };
+        let (straight, straight_losses) =
+            train_flow(&settings, &images, &shapes, &FitContext::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = FitContext { checkpoint_dir: Some(dir.path().to_path_buf()), ..FitContext::default() };
+        // Stop mid-epoch, after step 7 of 12, then finish with a fresh call.
+        let stopped = train_flow_session(&settings, &images, &shapes, &ctx, Some(7)).unwrap_err();
+        assert!(matches!(stopped, VigilError::Interrupted(_)), "{stopped}");
+        let (resumed, resumed_losses) = train_flow(&settings, &images, &shapes, &ctx).unwrap();
+        let bag = |flow: &UFlow| {
+            let mut bag = TensorBag::new();
+            flow.save(&mut bag);
+            bag
+        };
+        assert_eq!(bag(&resumed), bag(&straight));
+        assert_eq!(resumed_losses, straight_losses);
+        // A checkpoint from other settings is refused, naming the file.
+        let other = UflowSettings { epochs: 5, ..settings.clone() };
+        let error = train_flow(&other, &images, &shapes, &ctx).unwrap_err().to_string();
+        assert!(error.contains(CHECKPOINT_FILE) && error.contains("delete it"), "{error}");
     }
 
     #[test]
