@@ -17,7 +17,9 @@ use vigil_core::{
 };
 use vigil_nfa::maxtree::{tree_log10_nfa, Chi2Map};
 use vigil_nn::train::{run_training, LoopConfig, TrainTask};
-use vigil_nn::{adam, optimizer_bytes, restore_optimizer, stable_param_ids, Checkpoint};
+use vigil_nn::{
+    adam, default_device, optimizer_bytes, restore_optimizer, stable_param_ids, training_device, Checkpoint,
+};
 
 use crate::block_nfa::{BlockNfa, Latent};
 use crate::flow::{nll_loss, UFlow, UFlowShape};
@@ -291,7 +293,7 @@ impl UflowDetector {
             feature_channels: features.shapes.iter().map(|s| s.0).collect(),
             steps_per_stage: settings.flow_steps,
         };
-        let flow = UFlow::load(&shape, state, &Device::flex())?;
+        let flow = UFlow::load(&shape, state, &default_device())?;
         Ok(UflowDetector {
             settings,
             features: Some(features),
@@ -316,7 +318,7 @@ impl UflowDetector {
     fn latents(&self, image: &Image) -> Result<Vec<(Vec<f32>, usize, usize)>> {
         let (features, flow) = self.fitted()?;
         let mut raw = features.extract(std::slice::from_ref(image))?.remove(0);
-        let device = Device::flex();
+        let device = default_device();
         let inputs = raw
             .iter_mut()
             .enumerate()
@@ -436,7 +438,7 @@ pub fn train_flow_session(
     };
     // What a checkpoint must agree with to be resumed.
     let run = serde_json::json!({ "settings": settings, "images": images.len(), "shapes": shapes });
-    let device = Device::flex().autodiff();
+    let device = training_device();
     let mut flow = UFlow::new(&shape, ctx.seed, &device)?;
     let mut optimizer = adam(settings.weight_decay as f32);
     if let (Some(ck), Some(path)) = (&resume, &checkpoint_path) {
@@ -500,7 +502,7 @@ pub fn train_flow_session(
     // Inference runs without the autodiff graph: rebuild the flow from its learned state.
     let mut bag = TensorBag::new();
     task.flow.as_ref().expect("flow present after training").save(&mut bag);
-    Ok((UFlow::load(&shape, &bag, &Device::flex())?, losses))
+    Ok((UFlow::load(&shape, &bag, &default_device())?, losses))
 }
 
 /// One U-Flow optimiser step at a time, for the resumable training loop. The data order of
