@@ -289,9 +289,10 @@ fn depthwise_row_generic<const FMA: bool>(
     let c = x.channels;
     let input_rows: Vec<(usize, usize)> =
         (0..k).filter_map(|ky| g.input_row(oy, ky, stride).map(|iy| (ky, iy))).collect();
-    // Output columns whose k taps are all inside the input.
+    // Output columns whose k taps are all inside the input: ox·stride ≥ left and
+    // ox·stride + k − 1 − left < in_w (none when the input is narrower than the kernel).
     let first_inner = g.left.div_ceil(stride);
-    let end_inner = ((g.in_w + g.left).saturating_sub(k) / stride + 1).min(g.out_w);
+    let end_inner = (g.in_w + g.left).checked_sub(k).map_or(0, |span| (span / stride + 1).min(g.out_w));
     let madd = |a: f32, s: f32, w: f32| if FMA { s.mul_add(w, a) } else { a + s * w };
     let tap_column = |ox: usize, kx: usize, inner: bool| {
         if inner {
@@ -460,11 +461,12 @@ mod tests {
             (8, 16, 1, 2, 1, (0, 0, 0, 0)),
             (12, 12, 3, 1, 12, (1, 1, 1, 1)),
             (12, 12, 3, 2, 12, (0, 1, 0, 1)),
+            (32, 32, 3, 2, 32, (0, 1, 0, 1)),
             (20, 20, 5, 2, 20, (1, 2, 1, 2)),
             (6, 10, 3, 1, 1, (1, 1, 1, 1)),
         ];
         for (cin, cout, k, stride, groups, pads) in cases {
-            for (h, w) in [(13, 10), (20, 30)] {
+            for (h, w) in [(13, 10), (20, 30), (2, 2), (2, 3)] {
                 let x = values(cin * h * w, 1);
                 let weight = values(cout * (cin / groups) * k * k, 2);
                 let bias = values(cout, 3);
