@@ -485,6 +485,35 @@ mod tests {
     }
 
     #[test]
+    fn depthwise_matches_the_reference_on_every_small_shape() {
+        // Every map from 1x1 to 9x9 under both padding rules the backbones use, with channel
+        // counts that give full 16-lane blocks, a tail, or both.
+        for (k, stride) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+            for c in [16, 20, 40] {
+                for (h, w) in (1..=9).flat_map(|h| (1..=9).map(move |w| (h, w))) {
+                    let (top, bottom) = crate::layers::tf_same_padding(h, k, stride);
+                    let (left, right) = crate::layers::tf_same_padding(w, k, stride);
+                    for pads in [(k / 2, k / 2, k / 2, k / 2), (top, bottom, left, right)] {
+                        if h + pads.0 + pads.1 < k || w + pads.2 + pads.3 < k {
+                            continue;
+                        }
+                        let x = values(c * h * w, (h * 10 + w) as u32);
+                        let weight = values(c * k * k, 12);
+                        let bias = values(c, 13);
+                        let (want, _, _) =
+                            reference_conv(&x, (c, h, w), &weight, &bias, c, (k, stride, c), pads);
+                        let conv = PackedConv::new(&weight, bias.clone(), (c, c), (k, stride), c);
+                        let got = conv.run(&Nhwc::from_planar(c, h, w, &x), pads, None, Activation::Identity);
+                        let error =
+                            got.to_planar().iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(error < 1e-4, "k {k} s {stride} c {c} {h}x{w} pads {pads:?}: error {error}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn depthwise_rows_agree_on_every_instruction_set() {
         // 20 channels: one 16-lane block and a 4-channel tail; 11 columns: inner runs of four
         // pixels, single inner pixels and border pixels.
