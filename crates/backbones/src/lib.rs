@@ -434,26 +434,7 @@ impl Backbone {
 impl Backbone {
     /// One image resized and normalised for the kernels, channels last.
     fn preprocess_nhwc(&self, image: &Image, (width, height): (usize, usize)) -> Result<Nhwc> {
-        if width == 0 || height == 0 {
-            return Err(VigilError::Config(format!("backbone input size {width}x{height} is empty")));
-        }
-        let sources = rgb_sources(image)?;
-        let (mean, std) = self.kind.normalization();
-        let planes: Vec<Vec<f32>> = sources
-            .par_iter()
-            .enumerate()
-            .map(|(c, &source)| {
-                let plane = image.channel(source);
-                let normalise = |v: f32| (v - mean[c]) / std[c];
-                if (image.width, image.height) == (width, height) {
-                    plane.iter().map(|&v| normalise(v)).collect()
-                } else {
-                    let mut resized = resize_plane_bilinear(plane, image.width, image.height, width, height);
-                    resized.iter_mut().for_each(|v| *v = normalise(*v));
-                    resized
-                }
-            })
-            .collect();
+        let planes = normalized_planes(image, (width, height), self.kind.normalization())?;
         let mut data = vec![0.0; 3 * width * height];
         for (p, pixel) in data.chunks_exact_mut(3).enumerate() {
             pixel.iter_mut().zip(&planes).for_each(|(v, plane)| *v = plane[p]);
@@ -494,26 +475,48 @@ fn images_tensor(maps: &[&Nhwc], device: &Device) -> Tensor<4> {
 fn preprocess_images(
     images: &[Image],
     input_size: (usize, usize),
-    (mean, std): ([f32; 3], [f32; 3]),
+    normalization: ([f32; 3], [f32; 3]),
     device: &Device,
 ) -> Result<Tensor<4>> {
-    let (width, height) = input_size;
-    if width == 0 || height == 0 {
-        return Err(VigilError::Config(format!("backbone input size {width}x{height} is empty")));
-    }
     if images.is_empty() {
         return Err(VigilError::invalid("no images to run through the backbone"));
     }
+    let (width, height) = input_size;
     let mut data = Vec::with_capacity(images.len() * 3 * width * height);
     for (i, image) in images.iter().enumerate() {
-        let sources = rgb_sources(image).map_err(|e| VigilError::invalid(format!("image {i}: {e}")))?;
-        for (c, &source) in sources.iter().enumerate() {
-            let resized =
-                resize_plane_bilinear(image.channel(source), image.width, image.height, width, height);
-            data.extend(resized.iter().map(|&v| (v - mean[c]) / std[c]));
-        }
+        let planes = normalized_planes(image, input_size, normalization)
+            .map_err(|e| VigilError::invalid(format!("image {i}: {e}")))?;
+        data.extend(planes.into_iter().flatten());
     }
     Ok(Tensor::from_data(TensorData::new(data, [images.len(), 3, height, width]), device))
+}
+
+/// The R, G and B planes of `image` resized to `size` (bilinear) and normalised, as every
+/// backbone input starts; the three planes are resampled in parallel.
+fn normalized_planes(
+    image: &Image,
+    (width, height): (usize, usize),
+    (mean, std): ([f32; 3], [f32; 3]),
+) -> Result<Vec<Vec<f32>>> {
+    if width == 0 || height == 0 {
+        return Err(VigilError::Config(format!("backbone input size {width}x{height} is empty")));
+    }
+    let sources = rgb_sources(image)?;
+    Ok(sources
+        .par_iter()
+        .enumerate()
+        .map(|(c, &source)| {
+            let plane = image.channel(source);
+            let normalise = |v: f32| (v - mean[c]) / std[c];
+            if (image.width, image.height) == (width, height) {
+                plane.iter().map(|&v| normalise(v)).collect()
+            } else {
+                let mut resized = resize_plane_bilinear(plane, image.width, image.height, width, height);
+                resized.iter_mut().for_each(|v| *v = normalise(*v));
+                resized
+            }
+        })
+        .collect())
 }
 
 fn check_batch(batch: &Tensor<4>) -> Result<()> {

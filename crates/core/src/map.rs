@@ -12,6 +12,25 @@ pub struct Map {
     pub data: Vec<f32>,
 }
 
+/// Nearest-neighbour resampling of a row-major plane with half-pixel centres: output pixel i
+/// reads source pixel ⌊(i + ½)·src/dst⌋ on each axis.
+pub(crate) fn resample_nearest<T: Copy>(
+    src: &[T],
+    (sw, sh): (usize, usize),
+    (dw, dh): (usize, usize),
+) -> Vec<T> {
+    let index = |i: usize, src: usize, dst: usize| {
+        (((i as f64 + 0.5) * src as f64 / dst as f64) as usize).min(src - 1)
+    };
+    let xs: Vec<usize> = (0..dw).map(|x| index(x, sw, dw)).collect();
+    let mut out = Vec::with_capacity(dw * dh);
+    for y in 0..dh {
+        let row = &src[index(y, sh, dh) * sw..][..sw];
+        out.extend(xs.iter().map(|&x| row[x]));
+    }
+    out
+}
+
 /// How a filter sees past the edge of a map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -95,20 +114,12 @@ impl Map {
     /// Nearest-neighbour resampling with half-pixel centres (PyTorch `mode="nearest"` for
     /// integer factors).
     pub fn resize_nearest(&self, width: usize, height: usize) -> Map {
-        let index = |i: usize, src: usize, dst: usize| {
-            (((i as f64 + 0.5) * src as f64 / dst as f64) as usize).min(src - 1)
-        };
-        let xs: Vec<usize> = (0..width).map(|x| index(x, self.width, width)).collect();
-        let mut data = Vec::with_capacity(width * height);
-        for y in 0..height {
-            let row = &self.data[index(y, self.height, height) * self.width..][..self.width];
-            data.extend(xs.iter().map(|&x| row[x]));
-        }
+        let data = resample_nearest(&self.data, (self.width, self.height), (width, height));
         Map { width, height, data }
     }
 
     /// Mean over a `k`×`k` window (k odd), zero padding counted as in PyTorch's `avg_pool2d`
-    /// with `count_include_pad=True`, which DRAEM's 21×21 image score uses.
+    /// with `count_include_pad=True`: DRAEM's 21×21 image score, PatchCore's 3×3 neighbourhoods.
     pub fn mean_filter(&self, k: usize) -> Map {
         let r = k / 2;
         let (w, h) = (self.width, self.height);

@@ -34,14 +34,7 @@ impl Mask {
 
     /// Nearest-neighbour resampling (half-pixel centres), so a mask stays binary.
     pub fn resize_nearest(&self, width: usize, height: usize) -> Mask {
-        let mut data = Vec::with_capacity(width * height);
-        for y in 0..height {
-            let sy = (((y as f64 + 0.5) * self.height as f64 / height as f64) as usize).min(self.height - 1);
-            for x in 0..width {
-                let sx = (((x as f64 + 0.5) * self.width as f64 / width as f64) as usize).min(self.width - 1);
-                data.push(self.data[sy * self.width + sx]);
-            }
-        }
+        let data = crate::map::resample_nearest(&self.data, (self.width, self.height), (width, height));
         Mask { width, height, data }
     }
 

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 use vigil_backbones::FeatureMap;
 use vigil_core::image::BilinearResampler;
-use vigil_core::{Result, VigilError};
+use vigil_core::{Map, Result, VigilError};
 
 /// One image's patch features: `rows` holds `width·height` rows of `dim` values, row-major by
 /// grid position (y, then x).
@@ -36,7 +36,8 @@ pub fn patch_grid(maps: &[FeatureMap], neighbourhood: usize, target_dim: Option<
     let planes: Vec<Vec<f32>> = channels
         .par_iter()
         .map(|&(map, c)| {
-            let pooled = average_pool(map.plane(c), map.width, map.height, neighbourhood);
+            let layer = Map { width: map.width, height: map.height, data: map.plane(c).to_vec() };
+            let pooled = if neighbourhood > 1 { layer.mean_filter(neighbourhood).data } else { layer.data };
             if (map.width, map.height) == (width, height) {
                 pooled
             } else {
@@ -64,32 +65,6 @@ pub fn patch_grid(maps: &[FeatureMap], neighbourhood: usize, target_dim: Option<
         }
         _ => Ok(PatchGrid { width, height, dim, rows }),
     }
-}
-
-/// PyTorch's `avg_pool2d(k, stride 1, padding k/2)` with padding counted (a plain k×k window
-/// sum over k²), as separable running sums; k = 1 leaves the plane as it is.
-fn average_pool(values: &[f32], width: usize, height: usize, k: usize) -> Vec<f32> {
-    if k <= 1 {
-        return values.to_vec();
-    }
-    let r = k / 2;
-    let window_sum = |get: &dyn Fn(usize) -> f32, n: usize, out: &mut dyn FnMut(usize, f32)| {
-        for i in 0..n {
-            let (lo, hi) = (i.saturating_sub(r), (i + r + 1).min(n));
-            out(i, (lo..hi).map(get).sum());
-        }
-    };
-    let mut rows = vec![0f32; values.len()];
-    for y in 0..height {
-        let line = &values[y * width..(y + 1) * width];
-        window_sum(&|x| line[x], width, &mut |x, s| rows[y * width + x] = s);
-    }
-    let scale = 1.0 / (k * k) as f32;
-    let mut out = vec![0f32; values.len()];
-    for x in 0..width {
-        window_sum(&|y| rows[y * width + x], height, &mut |y, s| out[y * width + x] = s * scale);
-    }
-    out
 }
 
 /// PyTorch's `adaptive_avg_pool1d`: output i averages inputs floor(i·n/t) .. ceil((i+1)·n/t).
