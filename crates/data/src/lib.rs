@@ -12,7 +12,10 @@ pub use ignore::{apply_after, load_ignore_mask, IgnoreMode};
 pub use io::{list_images, load_image, load_map_tiff, load_mask, write_map_png16, write_map_tiff};
 pub use registration::{warp_perspective, Registered, Registration, RegistrationSettings};
 pub use source::{BadFilePolicy, FileSource, SourceOptions};
-pub use tiling::{score_tiled, Reduce, Stitcher, Tile, TileGrid, TiledSource};
+pub use tiling::{
+    default_overlap, score_detector_tiled, score_tiled, seam_measure, ImageTiles, SeamMeasure, Stitcher,
+    Tile, TileGrid, TiledSource,
+};
 
 #[cfg(test)]
 pub(crate) mod testutil;

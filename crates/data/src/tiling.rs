@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vigil_core::{Image, ImageSource, Map, Mask, Result, ScoreOutput, VigilError};
+use vigil_core::{Detector, Image, ImageSource, Map, Mask, Result, ScoreOutput, VigilError};
 
 use crate::source::FileSource;
 
@@ -26,7 +26,18 @@ pub struct Tile {
 pub struct TileGrid {
     width: usize,
     height: usize,
+    tile: usize,
+    /// Tile origins along x and along y; the tiles are their product, row-major.
+    xs: Vec<usize>,
+    ys: Vec<usize>,
     tiles: Vec<Tile>,
+}
+
+/// The overlap used when only a tile size is given: a quarter of the tile. Blending needs an
+/// overlap (without one, neighbouring tiles meet in a step), and a quarter keeps the extra work
+/// at (4/3)² ≈ 1.8× the tiles of a grid without overlap.
+pub fn default_overlap(tile: usize) -> usize {
+    tile / 4
 }
 
 /// Tile origins along one axis: a regular stride, the last one moved back to end at the border.
@@ -39,6 +50,24 @@ fn positions(len: usize, tile: usize, stride: usize) -> Vec<usize> {
     }
     out.push(len - tile);
     out
+}
+
+/// Blending weight along one axis for the tile starting at `positions[i]`: a raised-cosine ramp
+/// sin²(π/2 · (d + ½)/r) at distance d from each side shared with a neighbour, r being the overlap
+/// with that neighbour, and 1 elsewhere. Where two neighbours overlap by r their ramps meet at
+/// angles adding to π/2, so the weights sum to exactly one (sin² + cos²); the ramps start and
+/// end with zero slope, and stay above zero so every covered pixel has weight.
+fn axis_weights(positions: &[usize], i: usize, tile: usize) -> Vec<f64> {
+    let ramp = |d: usize, r: usize| {
+        if d < r {
+            (std::f64::consts::FRAC_PI_2 * (d as f64 + 0.5) / r as f64).sin().powi(2)
+        } else {
+            1.0
+        }
+    };
+    let before = i.checked_sub(1).map_or(0, |p| (positions[p] + tile).saturating_sub(positions[i]));
+    let after = positions.get(i + 1).map_or(0, |&n| (positions[i] + tile).saturating_sub(n));
+    (0..tile).map(|d| ramp(d, before) * ramp(tile - 1 - d, after)).collect()
 }
 
 impl TileGrid {
@@ -59,11 +88,10 @@ impl TileGrid {
         }
         let stride = tile - overlap;
         let xs = positions(width, tile, stride);
-        let tiles = positions(height, tile, stride)
-            .into_iter()
-            .flat_map(|y| xs.iter().map(move |&x| Tile { x, y, w: tile, h: tile }))
-            .collect();
-        Ok(TileGrid { width, height, tiles })
+        let ys = positions(height, tile, stride);
+        let tiles =
+            ys.iter().flat_map(|&y| xs.iter().map(move |&x| Tile { x, y, w: tile, h: tile })).collect();
+        Ok(TileGrid { width, height, tile, xs, ys, tiles })
     }
 
     /// Row-major: left to right, then top to bottom.
@@ -83,43 +111,49 @@ impl TileGrid {
     pub fn image_size(&self) -> (usize, usize) {
         (self.width, self.height)
     }
+
+    /// Tile origins along x (columns of tiles) and along y (rows of tiles).
+    pub fn origins(&self) -> (&[usize], &[usize]) {
+        (&self.xs, &self.ys)
+    }
+
+    /// The blending weights of tile `index` (tile-sized): the product of a raised-cosine ramp
+    /// across each side shared with a neighbour along x and along y (see [`Stitcher`]).
+    pub fn weights(&self, index: usize) -> Map {
+        let (ix, iy) = (index % self.xs.len(), index / self.xs.len());
+        let wx = axis_weights(&self.xs, ix, self.tile);
+        let wy = axis_weights(&self.ys, iy, self.tile);
+        let data = wy.iter().flat_map(|&a| wx.iter().map(move |&b| (a * b) as f32)).collect();
+        Map::new(self.tile, self.tile, data).expect("the weights have the tile's size")
+    }
 }
 
-/// How the stitcher combines the values of tiles that overlap.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reduce {
-    /// Average (anomaly maps).
-    Mean,
-    /// Smallest value (log10 NFA maps: the most significant test of any tile covering the pixel).
-    Min,
-}
-
-/// Accumulates per-tile maps into a whole-image map.
+/// Accumulates per-tile maps into a whole-image map: the weighted mean of the tiles covering each
+/// pixel, normalised by the sum of their weights. With [`TileGrid::weights`] a tile's values fade
+/// out across its overlap with a neighbour while the neighbour's fade in, so a disagreement
+/// between two tiles becomes a smooth transition instead of a step at a tile border.
 pub struct Stitcher {
     width: usize,
     height: usize,
-    reduce: Reduce,
-    /// Running mean (or minimum) so far; a running mean reproduces equal inputs exactly.
-    value: Vec<f32>,
-    count: Vec<u32>,
+    /// Σ weight · value and Σ weight per pixel; f64 so that equal inputs come back exactly.
+    sum: Vec<f64>,
+    weight: Vec<f64>,
 }
 
 impl Stitcher {
-    /// Averages overlapping tiles (anomaly maps).
     pub fn new(width: usize, height: usize) -> Stitcher {
-        Stitcher::with_reduce(width, height, Reduce::Mean)
+        Stitcher { width, height, sum: vec![0.0; width * height], weight: vec![0.0; width * height] }
     }
 
-    pub fn with_reduce(width: usize, height: usize, reduce: Reduce) -> Stitcher {
-        Stitcher { width, height, reduce, value: vec![0.0; width * height], count: vec![0; width * height] }
-    }
-
-    pub fn add(&mut self, tile: &Tile, map: &Map) -> Result<()> {
-        if (map.width, map.height) != (tile.w, tile.h) {
-            return Err(VigilError::invalid(format!(
-                "tile map is {}x{} but the tile at ({}, {}) is {}x{}",
-                map.width, map.height, tile.x, tile.y, tile.w, tile.h
-            )));
+    /// Adds a tile's map with its per-pixel weights (finite and positive, tile-sized).
+    pub fn add(&mut self, tile: &Tile, map: &Map, weights: &Map) -> Result<()> {
+        for (what, m) in [("map", map), ("weights", weights)] {
+            if (m.width, m.height) != (tile.w, tile.h) {
+                return Err(VigilError::invalid(format!(
+                    "tile {what} is {}x{} but the tile at ({}, {}) is {}x{}",
+                    m.width, m.height, tile.x, tile.y, tile.w, tile.h
+                )));
+            }
         }
         if tile.x + tile.w > self.width || tile.y + tile.h > self.height {
             return Err(VigilError::invalid(format!(
@@ -127,18 +161,18 @@ impl Stitcher {
                 tile.x, tile.y, tile.w, tile.h, self.width, self.height
             )));
         }
+        if let Some(w) = weights.data.iter().find(|w| !(w.is_finite() && **w > 0.0)) {
+            return Err(VigilError::invalid(format!("tile weights must be finite and positive, got {w}")));
+        }
         for row in 0..tile.h {
             let start = (tile.y + row) * self.width + tile.x;
-            let values = &mut self.value[start..start + tile.w];
-            let counts = &mut self.count[start..start + tile.w];
+            let sums = &mut self.sum[start..start + tile.w];
+            let totals = &mut self.weight[start..start + tile.w];
             let src = &map.data[row * tile.w..(row + 1) * tile.w];
-            for ((v, n), &s) in values.iter_mut().zip(counts.iter_mut()).zip(src) {
-                *n += 1;
-                *v = match self.reduce {
-                    Reduce::Mean => *v + (s - *v) / *n as f32,
-                    Reduce::Min if *n == 1 => s,
-                    Reduce::Min => v.min(s),
-                };
+            let wts = &weights.data[row * tile.w..(row + 1) * tile.w];
+            for (((s, t), &v), &w) in sums.iter_mut().zip(totals.iter_mut()).zip(src).zip(wts) {
+                *s += w as f64 * v as f64;
+                *t += w as f64;
             }
         }
         Ok(())
@@ -146,23 +180,62 @@ impl Stitcher {
 
     /// The whole-image map; an error if some pixel was covered by no tile.
     pub fn finish(self) -> Result<Map> {
-        if let Some(i) = self.count.iter().position(|&n| n == 0) {
+        if let Some(i) = self.weight.iter().position(|&w| w == 0.0) {
             return Err(VigilError::invalid(format!(
                 "tiles do not cover the image: pixel x={}, y={} has no value",
                 i % self.width,
                 i / self.width
             )));
         }
-        Map::new(self.width, self.height, self.value)
+        let data = self.sum.iter().zip(&self.weight).map(|(s, w)| (s / w) as f32).collect();
+        Map::new(self.width, self.height, data)
     }
 }
 
-/// Scores an image tile by tile and stitches the results:
-/// - the anomaly map is the average of the overlapping tile maps;
+/// The tiles of one image in memory, as an [`ImageSource`] (for statistics over a whole image).
+pub struct ImageTiles<'a> {
+    image: &'a Image,
+    ignore: Option<&'a Mask>,
+    grid: &'a TileGrid,
+}
+
+impl<'a> ImageTiles<'a> {
+    pub fn new(image: &'a Image, ignore: Option<&'a Mask>, grid: &'a TileGrid) -> ImageTiles<'a> {
+        ImageTiles { image, ignore, grid }
+    }
+}
+
+impl ImageSource for ImageTiles<'_> {
+    fn len(&self) -> usize {
+        self.grid.len()
+    }
+
+    fn name(&self, index: usize) -> String {
+        let t = self.grid.tiles()[index];
+        format!("tile x={} y={}", t.x, t.y)
+    }
+
+    fn load(&self, index: usize) -> Result<Image> {
+        let t = self.grid.tiles()[index];
+        Ok(self.image.crop(t.x, t.y, t.w, t.h))
+    }
+
+    fn ignore_mask(&self, index: usize) -> Option<Mask> {
+        let t = self.grid.tiles()[index];
+        self.ignore.map(|m| m.crop(t.x, t.y, t.w, t.h))
+    }
+}
+
+/// Scores an image tile by tile and blends the results with [`TileGrid::weights`]:
+/// - the anomaly map is the weighted mean of the overlapping tile maps;
 /// - the image score, when every tile gives one, is the largest tile score;
-/// - log10 NFA, when every tile gives it, is the minimum over the tiles covering a pixel plus
-///   log10(number of tiles): the tiles are separate families of tests, so the number of tests of
-///   the whole image is their sum (a Bonferroni union), and averaging NFAs would bound nothing.
+/// - log10 NFA, when every tile gives it, is the same weighted mean of the tiles' log10 NFA plus
+///   log10(number of tiles). A weighted mean of logarithms is a weighted geometric mean of NFAs,
+///   never below the smallest, so a pixel at NFA ≤ ε is at NFA ≤ ε in some tile covering it: the
+///   false detections of the whole image are at most those of all tiles together, whose expected
+///   number is at most (number of tiles) · ε (each tile counts the tests it makes, and the tests
+///   of the image are the union of the tiles' tests). Unlike the minimum over tiles, the mean has
+///   no step where a tile ends.
 pub fn score_tiled(
     image: &Image,
     ignore: Option<&Mask>,
@@ -178,14 +251,15 @@ pub fn score_tiled(
     }
     let grid = TileGrid::new(image.width, image.height, tile, overlap)?;
     let mut maps = Stitcher::new(image.width, image.height);
-    let mut nfa = Stitcher::with_reduce(image.width, image.height, Reduce::Min);
+    let mut nfa = Stitcher::new(image.width, image.height);
     let (mut nfa_tiles, mut image_scores) = (0, Vec::with_capacity(grid.len()));
-    for t in grid.tiles() {
+    for (i, t) in grid.tiles().iter().enumerate() {
         let tile_ignore = ignore.map(|m| m.crop(t.x, t.y, t.w, t.h));
         let out = score(&image.crop(t.x, t.y, t.w, t.h), tile_ignore.as_ref())?;
-        maps.add(t, &out.map)?;
+        let weights = grid.weights(i);
+        maps.add(t, &out.map, &weights)?;
         if let Some(n) = &out.log10_nfa {
-            nfa.add(t, n)?;
+            nfa.add(t, n, &weights)?;
             nfa_tiles += 1;
         }
         image_scores.extend(out.image_score);
@@ -203,6 +277,97 @@ pub fn score_tiled(
     let image_score =
         (image_scores.len() == grid.len()).then(|| image_scores.iter().copied().fold(f32::MIN, f32::max));
     Ok(ScoreOutput { map: maps.finish()?, image_score, log10_nfa })
+}
+
+/// [`score_tiled`] with a detector. A method whose statistics come from the image under test
+/// (the a contrario test-image mode) takes them from all tiles of the image
+/// ([`Detector::with_statistics_of`]), so neighbouring tiles score against the same statistics.
+pub fn score_detector_tiled(
+    image: &Image,
+    ignore: Option<&Mask>,
+    tile: usize,
+    overlap: usize,
+    detector: &dyn Detector,
+) -> Result<ScoreOutput> {
+    let grid = TileGrid::new(image.width, image.height, tile, overlap)?;
+    if let Some(m) = ignore.filter(|m| (m.width, m.height) != (image.width, image.height)) {
+        return Err(VigilError::invalid(format!(
+            "ignore mask is {}x{} but the image is {}x{}",
+            m.width, m.height, image.width, image.height
+        )));
+    }
+    let whole = detector.with_statistics_of(&ImageTiles::new(image, ignore, &grid))?;
+    let scorer = whole.as_deref().unwrap_or(detector);
+    score_tiled(image, ignore, tile, overlap, |t, m| scorer.score(t, m))
+}
+
+/// How much a map jumps at tile borders compared with inside the tiles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SeamMeasure {
+    /// Mean |m(p) − m(p − 1 step)| across every internal tile border (columns where a tile starts
+    /// or ends, and rows likewise), the step taken across the border.
+    pub border: f64,
+    /// The same across the lines where two neighbouring tiles blend (inside an overlap, borders
+    /// excluded): a blend spreads a disagreement between tiles over these lines.
+    pub band: f64,
+    /// The same across the tile centre lines (half a tile inside), excluding any that is a border.
+    pub inside: f64,
+}
+
+impl SeamMeasure {
+    /// border / inside: near 1 when the tile grid does not show.
+    pub fn border_ratio(&self) -> f64 {
+        self.border / self.inside
+    }
+
+    /// band / inside: near 1 when the blending bands do not show either.
+    pub fn band_ratio(&self) -> f64 {
+        self.band / self.inside
+    }
+}
+
+/// Line classes along one axis of length `len`: (borders, blending-band lines, centre lines).
+/// A line `p` stands for the step between pixel p − 1 and pixel p.
+fn seam_lines(origins: &[usize], tile: usize, len: usize) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let mut borders: Vec<usize> =
+        origins.iter().flat_map(|&o| [o, o + tile]).filter(|&p| p > 0 && p < len).collect();
+    borders.sort_unstable();
+    borders.dedup();
+    let covered = |p: usize| origins.iter().filter(|&&o| o <= p && p < o + tile).count();
+    let band =
+        (1..len).filter(|&p| covered(p - 1) >= 2 && covered(p) >= 2 && !borders.contains(&p)).collect();
+    let mut centres: Vec<usize> =
+        origins.iter().map(|&o| o + tile / 2).filter(|p| !borders.contains(p) && *p < len).collect();
+    centres.dedup();
+    (borders, band, centres)
+}
+
+/// The seam measure of a whole-image map stitched on `grid`.
+pub fn seam_measure(map: &Map, grid: &TileGrid) -> Result<SeamMeasure> {
+    if (map.width, map.height) != grid.image_size() {
+        return Err(VigilError::invalid(format!(
+            "map is {}x{} but the tile grid covers {}x{}",
+            map.width, map.height, grid.width, grid.height
+        )));
+    }
+    let (w, h) = (map.width, map.height);
+    let (bx, nx, cx) = seam_lines(&grid.xs, grid.tile, w);
+    let (by, ny, cy) = seam_lines(&grid.ys, grid.tile, h);
+    let column_jumps = |x: usize| (0..h).map(move |y| (map.get(y, x) - map.get(y, x - 1)).abs() as f64);
+    let row_jumps = |y: usize| (0..w).map(move |x| (map.get(y, x) - map.get(y - 1, x)).abs() as f64);
+    let mean = |xs: &[usize], ys: &[usize]| {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for v in xs.iter().flat_map(|&x| column_jumps(x)).chain(ys.iter().flat_map(|&y| row_jumps(y))) {
+            sum += v;
+            n += 1;
+        }
+        if n == 0 {
+            f64::NAN
+        } else {
+            sum / n as f64
+        }
+    };
+    Ok(SeamMeasure { border: mean(&bx, &by), band: mean(&nx, &ny), inside: mean(&cx, &cy) })
 }
 
 /// The tiles of a list of images as one [`ImageSource`], for fitting a method on tiles.
@@ -305,50 +470,124 @@ mod tests {
         assert!(TileGrid::new(8, 8, 0, 0).is_err());
     }
 
+    /// Stitches the crops of `reference` on `grid`, each tile shifted by `offset(tile index)`, with
+    /// the grid's blending weights or (blend = false) with equal weights.
+    fn stitch(reference: &Map, grid: &TileGrid, offset: impl Fn(usize) -> f32, blend: bool) -> Map {
+        let (w, h) = grid.image_size();
+        let mut s = Stitcher::new(w, h);
+        for (i, t) in grid.tiles().iter().enumerate() {
+            let crop = Map::new(
+                t.w,
+                t.h,
+                (0..t.h).flat_map(|r| (0..t.w).map(move |c| reference.get(t.y + r, t.x + c))).collect(),
+            )
+            .unwrap();
+            let shifted = Map::new(t.w, t.h, crop.data.iter().map(|v| v + offset(i)).collect()).unwrap();
+            let weights = if blend { grid.weights(i) } else { Map::filled(t.w, t.h, 1.0) };
+            s.add(t, &shifted, &weights).unwrap();
+        }
+        s.finish().unwrap()
+    }
+
     #[test]
     fn stitching_constant_and_identity_maps_is_exact() {
         let (w, h) = (23, 17);
         let identity = Map::new(w, h, (0..w * h).map(|i| i as f32 * 0.37).collect()).unwrap();
-        let reference = &identity;
-        for (tile, overlap) in [(8, 3), (5, 4), (17, 0)] {
+        let constant = Map::filled(w, h, 0.1);
+        // (5, 4) overlaps more than half a tile: three tiles cover some pixels
+        for (tile, overlap) in [(8, 3), (5, 4), (17, 0), (16, 4)] {
             let grid = TileGrid::new(w, h, tile, overlap).unwrap();
-            let mut constant = Stitcher::new(w, h);
-            let mut ident = Stitcher::new(w, h);
-            for t in grid.tiles() {
-                constant.add(t, &Map::filled(t.w, t.h, 0.1)).unwrap();
-                let crop = Map::new(
-                    t.w,
-                    t.h,
-                    (0..t.h).flat_map(|r| (0..t.w).map(move |c| reference.get(t.y + r, t.x + c))).collect(),
-                )
-                .unwrap();
-                ident.add(t, &crop).unwrap();
+            for blend in [true, false] {
+                assert!(stitch(&constant, &grid, |_| 0.0, blend).data.iter().all(|&v| v == 0.1));
+                assert_eq!(stitch(&identity, &grid, |_| 0.0, blend), identity);
             }
-            assert!(constant.finish().unwrap().data.iter().all(|&v| v == 0.1));
-            assert_eq!(ident.finish().unwrap(), identity);
         }
     }
 
     #[test]
-    fn overlaps_are_averaged_and_gaps_reported() {
+    fn blending_weights_sum_to_one_and_are_smooth() {
+        // regular grids and grids whose last tile is shifted back (overlaps of 12 and 23 there)
+        for (w, h, tile, overlap) in
+            [(100, 100, 32, 8), (104, 80, 32, 8), (130, 97, 40, 10), (64, 64, 32, 16)]
+        {
+            let grid = TileGrid::new(w, h, tile, overlap).unwrap();
+            let mut total = vec![0f64; w * h];
+            for (i, t) in grid.tiles().iter().enumerate() {
+                let weights = grid.weights(i);
+                assert!(weights.data.iter().all(|&v| v > 0.0 && v <= 1.0));
+                // full weight in the middle unless the ramps from both sides reach it
+                assert!(weights.get(tile / 2, tile / 2) == 1.0 || 2 * overlap >= tile);
+                // a raised-cosine ramp over r pixels changes by at most π/(2r) per pixel; r ≥ overlap
+                let limit = std::f32::consts::FRAC_PI_2 / overlap as f32 + 1e-6;
+                for y in 0..tile {
+                    for x in 1..tile {
+                        assert!((weights.get(y, x) - weights.get(y, x - 1)).abs() <= limit);
+                        assert!((weights.get(x, y) - weights.get(x - 1, y)).abs() <= limit);
+                    }
+                }
+                for y in 0..tile {
+                    for x in 0..tile {
+                        total[(t.y + y) * w + t.x + x] += weights.get(y, x) as f64;
+                    }
+                }
+            }
+            let worst = total.iter().map(|v| (v - 1.0).abs()).fold(0.0, f64::max);
+            assert!(worst < 1e-6, "{w}x{h} tile {tile} overlap {overlap}: weights sum off by {worst}");
+        }
+        // without an overlap there is nothing to blend: every weight is 1
+        let grid = TileGrid::new(64, 64, 32, 0).unwrap();
+        assert!(grid.weights(0).data.iter().all(|&v| v == 1.0));
+        assert_eq!(default_overlap(256), 64);
+    }
+
+    #[test]
+    fn seam_ratio_is_near_one_for_smooth_maps_and_catches_tile_steps() {
+        let (w, h, tile, overlap) = (300, 220, 64, 16);
+        let grid = TileGrid::new(w, h, tile, overlap).unwrap();
+        let smooth = Map::new(
+            w,
+            h,
+            (0..w * h)
+                .map(|i| {
+                    let (x, y) = ((i % w) as f32, (i / w) as f32);
+                    0.02 * x + 0.01 * y + 0.3 * (x / 37.0).sin() * (y / 23.0).cos()
+                })
+                .collect(),
+        )
+        .unwrap();
+        let stitched = stitch(&smooth, &grid, |_| 0.0, true);
+        let m = seam_measure(&stitched, &grid).unwrap();
+        assert!((m.border_ratio() - 1.0).abs() < 0.15 && (m.band_ratio() - 1.0).abs() < 0.15, "{m:?}");
+
+        // tiles that disagree by a level each (per-tile statistics): equal weights leave steps at
+        // the borders; blending turns them into ramps across the overlaps
+        let level = |i: usize| ((i * 7919) % 11) as f32 / 10.0 - 0.5;
+        let stepped = seam_measure(&stitch(&smooth, &grid, level, false), &grid).unwrap();
+        let blended = seam_measure(&stitch(&smooth, &grid, level, true), &grid).unwrap();
+        assert!(stepped.border_ratio() > 5.0, "{stepped:?}");
+        assert!(blended.border_ratio() < 1.2, "{blended:?}");
+        assert!(blended.band_ratio() < stepped.border_ratio() / 3.0, "{blended:?} {stepped:?}");
+        assert!(seam_measure(&Map::filled(10, 10, 0.0), &grid).is_err());
+    }
+
+    #[test]
+    fn overlaps_are_weighted_and_gaps_reported() {
         let a = Tile { x: 0, y: 0, w: 3, h: 1 };
         let b = Tile { x: 2, y: 0, w: 3, h: 1 };
         let mut s = Stitcher::new(5, 1);
-        s.add(&a, &Map::filled(3, 1, 1.0)).unwrap();
-        s.add(&b, &Map::filled(3, 1, 4.0)).unwrap();
-        assert_eq!(s.finish().unwrap().data, vec![1.0, 1.0, 2.5, 4.0, 4.0]);
-
-        let mut m = Stitcher::with_reduce(5, 1, Reduce::Min);
-        m.add(&a, &Map::filled(3, 1, -1.0)).unwrap();
-        m.add(&b, &Map::filled(3, 1, -4.0)).unwrap();
-        assert_eq!(m.finish().unwrap().data, vec![-1.0, -1.0, -4.0, -4.0, -4.0]);
+        s.add(&a, &Map::filled(3, 1, 1.0), &Map::filled(3, 1, 1.0)).unwrap();
+        s.add(&b, &Map::filled(3, 1, 4.0), &Map::new(3, 1, vec![2.0, 1.0, 1.0]).unwrap()).unwrap();
+        assert_eq!(s.finish().unwrap().data, vec![1.0, 1.0, 3.0, 4.0, 4.0]);
 
         let mut gap = Stitcher::new(6, 1);
-        gap.add(&a, &Map::filled(3, 1, 1.0)).unwrap();
+        gap.add(&a, &Map::filled(3, 1, 1.0), &Map::filled(3, 1, 1.0)).unwrap();
         assert!(gap.finish().unwrap_err().to_string().contains("x=3"));
         let mut wrong = Stitcher::new(5, 1);
-        assert!(wrong.add(&a, &Map::filled(2, 1, 1.0)).is_err());
-        assert!(wrong.add(&Tile { x: 4, y: 0, w: 3, h: 1 }, &Map::filled(3, 1, 1.0)).is_err());
+        let one = Map::filled(3, 1, 1.0);
+        assert!(wrong.add(&a, &Map::filled(2, 1, 1.0), &one).is_err());
+        assert!(wrong.add(&a, &one, &Map::filled(2, 1, 1.0)).is_err());
+        assert!(wrong.add(&a, &one, &Map::filled(3, 1, 0.0)).unwrap_err().to_string().contains("positive"));
+        assert!(wrong.add(&Tile { x: 4, y: 0, w: 3, h: 1 }, &one, &one).is_err());
     }
 
     #[test]
@@ -406,6 +645,69 @@ mod tests {
         let source = FileSource::open(&[path], SourceOptions::new(ChannelMode::Gray)).unwrap();
         let err = TiledSource::new(source, 8, 0).err().unwrap().to_string();
         assert!(err.contains("small.png") && err.contains("smaller"), "{err}");
+    }
+
+    /// Scores a pixel by its difference to the mean of the image it is given, or to a mean taken
+    /// from all tiles of the image when it scores tiles.
+    struct DifferenceToMean {
+        whole_image_mean: Option<f32>,
+    }
+
+    impl Detector for DifferenceToMean {
+        fn method(&self) -> &'static str {
+            "difference-to-mean"
+        }
+        fn channel_mode(&self) -> ChannelMode {
+            ChannelMode::Gray
+        }
+        fn fit(&mut self, _: &dyn ImageSource, _: &vigil_core::FitContext) -> Result<()> {
+            Ok(())
+        }
+        fn score(&self, image: &Image, _: Option<&Mask>) -> Result<ScoreOutput> {
+            let mean =
+                self.whole_image_mean.unwrap_or(image.data.iter().sum::<f32>() / image.data.len() as f32);
+            Ok(ScoreOutput::from_map(Map::new(
+                image.width,
+                image.height,
+                image.data.iter().map(|v| v - mean).collect(),
+            )?))
+        }
+        fn settings(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn state(&self) -> Result<vigil_core::TensorBag> {
+            Ok(vigil_core::TensorBag::new())
+        }
+        fn with_statistics_of(&self, tiles: &dyn ImageSource) -> Result<Option<Box<dyn Detector>>> {
+            let (mut sum, mut n) = (0.0, 0);
+            for i in 0..tiles.len() {
+                let tile = tiles.load(i)?;
+                sum += tile.data.iter().sum::<f32>();
+                n += tile.data.len();
+            }
+            Ok(Some(Box::new(DifferenceToMean { whole_image_mean: Some(sum / n as f32) })))
+        }
+    }
+
+    #[test]
+    fn statistics_from_the_whole_image_make_tiles_agree() {
+        // left half dark, right half bright: most tiles alone see a flat image
+        let (w, h) = (64, 32);
+        let image =
+            Image::new(w, h, 1, (0..w * h).map(|i| if i % w < 32 { 0.0 } else { 1.0 }).collect()).unwrap();
+        let grid = TileGrid::new(w, h, 16, 4).unwrap();
+        let tiles = ImageTiles::new(&image, None, &grid);
+        let sum: f32 = (0..tiles.len()).map(|i| tiles.load(i).unwrap().data.iter().sum::<f32>()).sum();
+        let tile_mean = sum / (tiles.len() * 16 * 16) as f32;
+        let expected: Vec<f32> = image.data.iter().map(|v| v - tile_mean).collect();
+        let worst =
+            |map: &Map| map.data.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+
+        let own = DifferenceToMean { whole_image_mean: None };
+        let per_tile = score_tiled(&image, None, 16, 4, |t, m| own.score(t, m)).unwrap();
+        assert!(worst(&per_tile.map) > 0.4);
+        let whole = score_detector_tiled(&image, None, 16, 4, &own).unwrap();
+        assert!(worst(&whole.map) < 1e-6, "{}", worst(&whole.map));
     }
 
     #[test]
