@@ -114,11 +114,6 @@ pub trait Detector: Send + Sync {
     fn default_threshold(&self) -> Option<ThresholdKind> {
         None
     }
-    /// The pretrained weights files the detector runs (as opened, with their SHA-256), so a
-    /// model file can record them and refuse other weights at load time.
-    fn weights_files(&self) -> Vec<WeightsFile> {
-        Vec::new()
-    }
     /// For tiled scoring of one large image: a detector that scores its tiles with statistics
     /// taken from all of `tiles` (the tiles of that image), so neighbouring tiles agree. Only
     /// methods whose statistics come from the image under test need one; the default, None,
