@@ -1,5 +1,6 @@
 //! CaiT trunks and MS-CaiT (no CaiT weights are shipped): the real configurations' tensor
-//! shapes, tiny trunks' output shapes, and weight round trips with timm names.
+//! shapes, tiny trunks' output shapes, and weight round trips with timm names. A small CaiT's
+//! tokens are checked against timm in golden_formula.rs.
 
 use burn::tensor::{Tensor, TensorData};
 use vigil_backbones::{default_device, write_state, Cait, CaitConfig, MsCait};

@@ -1,5 +1,6 @@
-//! ResNet-18/50 and Wide-ResNet-50-2 (no reference activations are shipped for them): layer
-//! shapes with random weights, and a weight round trip through safetensors with PyTorch names.
+//! ResNet-18/50 and Wide-ResNet-50-2: layer shapes with random weights, and a weight round trip
+//! through safetensors with PyTorch names. Their activations are checked against torchvision in
+//! golden_formula.rs.
 
 use vigil_backbones::{default_device, write_state, Backbone, BackboneKind, FeatureMap};
 use vigil_core::Image;
