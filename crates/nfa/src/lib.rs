@@ -3,6 +3,8 @@
 //! NFA values underflow f64 long before they stop mattering, so everything here is a log10.
 
 pub mod block;
+pub mod calibration;
 pub mod maxtree;
 pub mod polyomino;
+pub mod region;
 pub mod tails;

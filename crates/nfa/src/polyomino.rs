@@ -23,6 +23,12 @@ pub fn log10_polyomino_tests(pixels_per_scale: &[usize]) -> f64 {
     log_sum_exp(per_scale.into_iter()) / std::f64::consts::LN_10
 }
 
+/// log10 of the number of fixed polyominoes of size r, α·β^r / r, for a real size r > 0 (RegionNFA
+/// evaluates it at N/s̃², a region's pixel count divided by the receptive-field area).
+pub fn log10_polyominoes_of_size(r: f64) -> f64 {
+    POLYOMINO_ALPHA.log10() + r * POLYOMINO_BETA.log10() - r.log10()
+}
+
 /// ln Σ exp(x_i), stable for terms far beyond f64's exponent range.
 fn log_sum_exp(terms: impl Iterator<Item = f64> + Clone) -> f64 {
     let max = terms.clone().fold(f64::NEG_INFINITY, f64::max);
@@ -53,6 +59,13 @@ mod tests {
         // Two scales add their counts.
         let two = log10_polyomino_tests(&[3, 3]);
         assert!((two - (2.0 * direct).log10()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_size_is_one_term_of_the_sum() {
+        let (a, b) = (POLYOMINO_ALPHA, POLYOMINO_BETA);
+        assert!((log10_polyominoes_of_size(3.0) - (a * b * b * b / 3.0).log10()).abs() < 1e-12);
+        assert!((log10_polyominoes_of_size(0.5) - (a * b.sqrt() / 0.5).log10()).abs() < 1e-12);
     }
 
     #[test]
