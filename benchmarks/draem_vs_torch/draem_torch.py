@@ -1,7 +1,14 @@
-"""DRAEM / DRAEM-UNet++ in PyTorch, layer for layer the networks of methods/draem/src/nets.rs
-(same module names, so a state_dict maps 1:1 onto vigil's TensorBag), timed the same way as
+"""DRAEM / DRAEM-UNet++ in PyTorch, timed the same way as
 `cargo run --release -p vigil-draem --example bench_draem`: one training step (joint loss
 L2 + (1 - SSIM) + focal, Adam) and the inference of one image.
+
+The DRAEM networks are written from the official definition (VitjanZ/DRAEM `model_unet.py`),
+not from vigil's code, so that `run.sh`'s value-count check compares vigil with the original:
+the layer widths below are the official ones, transcribed as tables. The CPU preset (fewer
+poolings, narrower) is not in the official code; for it the tables follow the rule vigil
+documents (methods/draem/README.md), and the script checks that this rule gives back the
+official tables at the official depths. The UNet++ network has no official code; it mirrors
+methods/draem/src/nets.rs (seed 000's description).
 
 usage: python draem_torch.py <cpu|paper> <draem|unetpp> <size> [reps] [batch]
 Prints one JSON line. Threads: torch.set_num_threads(2) unless VIGIL_BENCH_THREADS is set.
@@ -17,97 +24,122 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRESETS = {
-    # Mirrors DraemSettings::paper / DraemSettings::cpu in methods/draem/src/lib.rs.
+    # DraemSettings' paper and cpu presets in methods/draem/src/lib.rs.
     "paper": dict(recon_width=128, recon_depth=4, nested_width=32, nested_depth=4, disc_width=64, disc_depth=5),
     "cpu": dict(recon_width=8, recon_depth=3, nested_width=4, nested_depth=3, disc_width=8, disc_depth=4),
 }
 
+# model_unet.py, in multiples of base_width.
+# EncoderReconstructive block1..block5 / EncoderDiscriminative block1..block6: output widths.
+OFFICIAL_RECON_ENCODER = [1, 2, 4, 8, 8]
+OFFICIAL_DISC_ENCODER = [1, 2, 4, 8, 8, 8]
+# DecoderReconstructive (up_k conv in->in; db_k conv in->in, conv in->out): (in, out) per stage.
+OFFICIAL_RECON_DECODER = [(8, 4), (4, 2), (2, 1), (1, 1)]
+# DecoderDiscriminative (up conv in->out; db conv (out + skip)->out, conv out->out): (in, out, skip).
+OFFICIAL_DISC_DECODER = [(8, 8, 8), (8, 4, 8), (4, 2, 4), (2, 1, 2), (1, 1, 1)]
 
-def enc_width(base, level):
-    return base * (1 << min(level, 3))
+
+def encoder_widths(depth):
+    return [min(2 ** level, 8) for level in range(depth + 1)]
 
 
-def dec_width(base, level):
-    return base if level == 0 else base * (1 << min(level - 1, 3))
+def decoder_width(level):
+    return 1 if level == 0 else min(2 ** (level - 1), 8)
 
 
-class ConvBnAct(nn.Module):
-    def __init__(self, cin, cout, slope):
+def recon_decoder(depth):
+    stages, width = [], encoder_widths(depth)[-1]
+    for level in reversed(range(depth)):
+        stages.append((width, decoder_width(level)))
+        width = decoder_width(level)
+    return stages
+
+
+def disc_decoder(depth):
+    enc, stages, width = encoder_widths(depth), [], encoder_widths(depth)[-1]
+    for level in reversed(range(depth)):
+        stages.append((width, decoder_width(level), enc[level]))
+        width = decoder_width(level)
+    return stages
+
+
+assert encoder_widths(4) == OFFICIAL_RECON_ENCODER and encoder_widths(5) == OFFICIAL_DISC_ENCODER
+assert recon_decoder(4) == OFFICIAL_RECON_DECODER and disc_decoder(5) == OFFICIAL_DISC_DECODER
+
+
+def tables(depth, official_depth, official, derived):
+    """The official table at the official depth, the documented rule elsewhere."""
+    return official if depth == official_depth else derived(depth)
+
+
+def conv_bn_relu(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def double_conv(cin, mid, cout):
+    return nn.Sequential(*conv_bn_relu(cin, mid), *conv_bn_relu(mid, cout))
+
+
+def up_conv(cin, cout):
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), *conv_bn_relu(cin, cout))
+
+
+class ReconstructiveSubNetwork(nn.Module):
+    """Plain encoder-decoder, no skips (model_unet.py)."""
+
+    def __init__(self, channels, base, depth):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-        self.bn = nn.BatchNorm2d(cout)
-        self.slope = slope
+        enc = [w * base for w in tables(depth, 4, OFFICIAL_RECON_ENCODER, encoder_widths)]
+        self.encoder = nn.ModuleList(
+            [double_conv(cin, cout, cout) for cin, cout in zip([channels] + enc[:-1], enc)])
+        dec = tables(depth, 4, OFFICIAL_RECON_DECODER, recon_decoder)
+        self.up = nn.ModuleList([up_conv(i * base, i * base) for i, _ in dec])
+        self.db = nn.ModuleList([double_conv(i * base, i * base, o * base) for i, o in dec])
+        self.fin_out = nn.Conv2d(dec[-1][1] * base, channels, 3, padding=1)
 
     def forward(self, x):
-        y = self.bn(self.conv(x))
-        return F.relu(y) if self.slope == 0 else F.leaky_relu(y, self.slope)
+        for level, block in enumerate(self.encoder):
+            x = block(x if level == 0 else F.max_pool2d(x, 2))
+        for up, db in zip(self.up, self.db):
+            x = db(up(x))
+        return self.fin_out(x)
 
 
-class DoubleConv(nn.Module):
-    def __init__(self, cin, cout, slope):
+class DiscriminativeSubNetwork(nn.Module):
+    """U-Net with skips (model_unet.py)."""
+
+    def __init__(self, cin, cout, base, depth):
         super().__init__()
-        self.a = ConvBnAct(cin, cout, slope)
-        self.b = ConvBnAct(cout, cout, slope)
+        enc = [w * base for w in tables(depth, 5, OFFICIAL_DISC_ENCODER, encoder_widths)]
+        self.encoder = nn.ModuleList([double_conv(i, o, o) for i, o in zip([cin] + enc[:-1], enc)])
+        dec = tables(depth, 5, OFFICIAL_DISC_DECODER, disc_decoder)
+        self.up = nn.ModuleList([up_conv(i * base, o * base) for i, o, _ in dec])
+        self.db = nn.ModuleList([double_conv((o + s) * base, o * base, o * base) for _, o, s in dec])
+        self.fin_out = nn.Conv2d(dec[-1][1] * base, cout, 3, padding=1)
 
     def forward(self, x):
-        return self.b(self.a(x))
+        skips = []
+        for level, block in enumerate(self.encoder):
+            x = block(x if level == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        skips.pop()
+        for up, db in zip(self.up, self.db):
+            x = db(torch.cat([up(x), skips.pop()], 1))
+        return self.fin_out(x)
 
 
 def up(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
-class Autoencoder(nn.Module):
-    def __init__(self, ch, base, depth):
+class VggBlock(nn.Module):
+    def __init__(self, cin, cout):
         super().__init__()
-        self.encoder = nn.ModuleList([DoubleConv(ch, base, 0)] + [
-            DoubleConv(enc_width(base, l - 1), enc_width(base, l), 0) for l in range(1, depth + 1)])
-        self.up, self.decoder = nn.ModuleList(), nn.ModuleList()
-        width = enc_width(base, depth)
-        for l in reversed(range(depth)):
-            self.up.append(ConvBnAct(width, width, 0))
-            self.decoder.append(DoubleConv(width, dec_width(base, l), 0))
-            width = dec_width(base, l)
-        self.out = nn.Conv2d(width, ch, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2),
+                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
 
     def forward(self, x):
-        sizes, h = [], x
-        for l, block in enumerate(self.encoder):
-            if l > 0:
-                sizes.append(h.shape[-2:])
-                h = F.max_pool2d(h, 2)
-            h = block(h)
-        for u, block in zip(self.up, self.decoder):
-            h = block(u(up(h, sizes.pop())))
-        return self.out(h)
-
-
-class UNet(nn.Module):
-    def __init__(self, cin, cout, base, depth):
-        super().__init__()
-        self.encoder = nn.ModuleList([DoubleConv(cin, base, 0)] + [
-            DoubleConv(enc_width(base, l - 1), enc_width(base, l), 0) for l in range(1, depth + 1)])
-        self.up, self.decoder = nn.ModuleList(), nn.ModuleList()
-        width = enc_width(base, depth)
-        for l in reversed(range(depth)):
-            d = dec_width(base, l)
-            self.up.append(ConvBnAct(width, d, 0))
-            self.decoder.append(DoubleConv(d + enc_width(base, l), d, 0))
-            width = d
-        self.out = nn.Conv2d(width, cout, 3, padding=1)
-
-    def forward(self, x):
-        skips, h = [], x
-        for l, block in enumerate(self.encoder):
-            if l > 0:
-                h = F.max_pool2d(h, 2)
-            h = block(h)
-            skips.append(h)
-        skips.pop()
-        for u, block in zip(self.up, self.decoder):
-            skip = skips.pop()
-            h = block(torch.cat([u(up(h, skip.shape[-2:])), skip], 1))
-        return self.out(h)
+        return self.body(x)
 
 
 class NestedUNet(nn.Module):
@@ -119,7 +151,7 @@ class NestedUNet(nn.Module):
         nodes = []
         for i, j in self.order:
             cin = ch if (i, j) == (0, 0) else (w(i - 1) if j == 0 else w(i) * j + w(i + 1))
-            nodes.append(DoubleConv(cin, w(i), 0.2))
+            nodes.append(VggBlock(cin, w(i)))
         self.nodes = nn.ModuleList(nodes)
         self.out = nn.Conv2d(base, ch, 1)
 
@@ -138,10 +170,10 @@ class DraemNet(nn.Module):
     def __init__(self, variant, p):
         super().__init__()
         if variant == "draem":
-            self.reconstructive = Autoencoder(3, p["recon_width"], p["recon_depth"])
+            self.reconstructive = ReconstructiveSubNetwork(3, p["recon_width"], p["recon_depth"])
         else:
             self.reconstructive = NestedUNet(3, p["nested_width"], p["nested_depth"])
-        self.discriminative = UNet(6, 2, p["disc_width"], p["disc_depth"])
+        self.discriminative = DiscriminativeSubNetwork(6, 2, p["disc_width"], p["disc_depth"])
 
     def forward(self, x):
         rec = self.reconstructive(x)

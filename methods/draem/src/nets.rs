@@ -1,10 +1,17 @@
 //! DRAEM's networks on burn, with names that mirror the PyTorch modules in
 //! `benchmarks/draem_vs_torch/draem_torch.py` (so weights map 1:1).
 //!
-//! Channel widths at encoder level l are `base * min(2^l, 8)`, and the decoder narrows as the
-//! official code does: `dec[0] = base`, `dec[l] = base * min(2^(l-1), 8)`. With the official
-//! depths (reconstructive 4 poolings, discriminative 5) and bases (128, 64) this reproduces
-//! VitjanZ/DRAEM's `ReconstructiveSubNetwork` and `DiscriminativeSubNetwork` exactly.
+//! Channel widths at encoder level l are `base * min(2^l, 8)`; the decoder's output width at level
+//! l is `dec[0] = base`, `dec[l] = base * min(2^(l-1), 8)`. Where the official code narrows
+//! differs between the two networks, and both are kept: in the reconstructive decoder
+//! (`DecoderReconstructive` of VitjanZ/DRAEM `model_unet.py`) the up-sampling conv and the first
+//! conv of each block keep the width and the block's second conv narrows it (db1 8b→8b→4b, db2
+//! 4b→4b→2b, db3 2b→2b→b, db4 b→b→b); in the discriminative decoder (`DecoderDiscriminative`) the
+//! up-sampling conv narrows and the block takes the skip concatenation to that width. With the
+//! official depths (reconstructive 4 poolings, discriminative 5) and bases (128, 64) these are the
+//! official `ReconstructiveSubNetwork` and `DiscriminativeSubNetwork` layer for layer (97,458,309
+//! values, BatchNorm statistics included: the test `official_widths_and_shapes`); other depths and
+//! widths (the CPU preset) follow the same rules.
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -61,11 +68,19 @@ pub struct DoubleConv {
 }
 
 impl DoubleConv {
+    /// The first conv changes the width, the second keeps it (encoders, discriminative decoder,
+    /// UNet++ nodes).
     pub fn new(cin: usize, cout: usize, slope: f64, device: &Device) -> Self {
         DoubleConv {
             a: ConvBnAct::new(cin, cout, slope, device),
             b: ConvBnAct::new(cout, cout, slope, device),
         }
+    }
+
+    /// The first conv keeps the width, the second changes it (the official reconstructive
+    /// decoder blocks `db1`..`db4`).
+    pub fn narrowing_last(cin: usize, cout: usize, slope: f64, device: &Device) -> Self {
+        DoubleConv { a: ConvBnAct::new(cin, cin, slope, device), b: ConvBnAct::new(cin, cout, slope, device) }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -112,7 +127,7 @@ impl Autoencoder {
         let mut width = enc_width(base, depth);
         for l in (0..depth).rev() {
             up.push(ConvBnAct::new(width, width, 0.0, device));
-            decoder.push(DoubleConv::new(width, dec_width(base, l), 0.0, device));
+            decoder.push(DoubleConv::narrowing_last(width, dec_width(base, l), 0.0, device));
             width = dec_width(base, l);
         }
         Autoencoder { encoder, up, decoder, out: conv3x3(width, channels, device) }
@@ -262,26 +277,61 @@ mod tests {
     use super::*;
     use vigil_nn::module_to_bag;
 
+    fn shape(conv: &Conv2d) -> [usize; 4] {
+        conv.weight.lazy_shape().dims::<4>()
+    }
+
+    /// Output and input widths of the convs in one official block, as `model_unet.py` writes them.
+    fn block(block: &DoubleConv) -> [[usize; 4]; 2] {
+        [shape(&block.a.conv), shape(&block.b.conv)]
+    }
+
     #[test]
     fn official_widths_and_shapes() {
         let device = Device::flex();
-        // Official widths, scaled down 16x to keep the test small: the pattern must hold.
-        let ae = Autoencoder::new(3, 8, 4, &device);
-        let bag = module_to_bag(&ae);
-        assert_eq!(bag.shape("encoder.4.b.conv.weight").unwrap(), &[64, 64, 3, 3]);
-        assert_eq!(bag.shape("up.0.conv.weight").unwrap(), &[64, 64, 3, 3]);
-        assert_eq!(bag.shape("decoder.0.a.conv.weight").unwrap(), &[32, 64, 3, 3]);
-        assert_eq!(bag.shape("decoder.3.b.conv.weight").unwrap(), &[8, 8, 3, 3]);
-        assert_eq!(bag.shape("out.weight").unwrap(), &[3, 8, 3, 3]);
-        let unet = UNet::new(6, 2, 4, 5, &device);
-        let bag = module_to_bag(&unet);
-        assert_eq!(bag.shape("encoder.5.a.conv.weight").unwrap(), &[32, 32, 3, 3]);
-        assert_eq!(bag.shape("decoder.0.a.conv.weight").unwrap(), &[32, 64, 3, 3]);
-        assert_eq!(bag.shape("decoder.1.a.conv.weight").unwrap(), &[16, 48, 3, 3]);
-        assert_eq!(bag.shape("decoder.4.a.conv.weight").unwrap(), &[4, 8, 3, 3]);
-        let x = Tensor::<4>::zeros([2, 3, 32, 32], &device);
+        // Paper widths (shapes are read without allocating the 97 M values).
+        let ae = Autoencoder::new(3, 128, 4, &device);
+        let k = |o: usize, i: usize| [o, i, 3, 3];
+        // EncoderReconstructive block1..block5: 3→128→256→512→1024→1024.
+        let enc = [(3, 128), (128, 256), (256, 512), (512, 1024), (1024, 1024)];
+        for (b, &(i, o)) in ae.encoder.iter().zip(&enc) {
+            assert_eq!(block(b), [k(o, i), k(o, o)]);
+        }
+        // DecoderReconstructive: up1..up4 keep the width; db1..db4 keep it in the first conv and
+        // narrow in the second (1024→1024→512, 512→512→256, 256→256→128, 128→128→128).
+        let dec = [(1024, 512), (512, 256), (256, 128), (128, 128)];
+        assert_eq!(ae.up.len(), 4);
+        for ((up, b), &(i, o)) in ae.up.iter().zip(&ae.decoder).zip(&dec) {
+            assert_eq!(shape(&up.conv), k(i, i));
+            assert_eq!(block(b), [k(i, i), k(o, i)]);
+        }
+        assert_eq!(shape(&ae.out), k(3, 128));
+
+        let unet = UNet::new(6, 2, 64, 5, &device);
+        // EncoderDiscriminative block1..block6: 6→64→128→256→512→512→512.
+        let enc = [(6, 64), (64, 128), (128, 256), (256, 512), (512, 512), (512, 512)];
+        for (b, &(i, o)) in unet.encoder.iter().zip(&enc) {
+            assert_eq!(block(b), [k(o, i), k(o, o)]);
+        }
+        // DecoderDiscriminative up_b, up1..up4 narrow; db_b, db1..db4 take (up, skip) to that width.
+        let dec = [(512, 512, 1024), (512, 256, 768), (256, 128, 384), (128, 64, 192), (64, 64, 128)];
+        for ((up, b), &(i, o, cat)) in unet.up.iter().zip(&unet.decoder).zip(&dec) {
+            assert_eq!(shape(&up.conv), k(o, i));
+            assert_eq!(block(b), [k(o, cat), k(o, o)]);
+        }
+        assert_eq!(shape(&unet.out), k(2, 64));
+
+        // The official pair has 97,458,309 values: parameters plus BatchNorm running statistics.
         let net = DraemNet { reconstructive: ae, discriminative: unet };
-        let (rec, logits) = net.forward(x);
+        assert_eq!(net.num_params(), 97_458_309);
+
+        // The same rules at small widths and other depths give working networks.
+        let small = DraemNet {
+            reconstructive: Autoencoder::new(3, 8, 3, &device),
+            discriminative: UNet::new(6, 2, 4, 4, &device),
+        };
+        assert_eq!(block(&small.reconstructive.decoder[0]), [k(64, 64), k(16, 64)]);
+        let (rec, logits) = small.forward(Tensor::<4>::zeros([2, 3, 32, 32], &device));
         assert_eq!(rec.dims(), [2, 3, 32, 32]);
         assert_eq!(logits.dims(), [2, 2, 32, 32]);
     }
