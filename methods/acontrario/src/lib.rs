@@ -666,6 +666,18 @@ impl Detector for AcontrarioDetector {
     fn default_threshold(&self) -> Option<ThresholdKind> {
         Some(ThresholdKind::Nfa { k: 0.0 })
     }
+
+    /// Tiled test-image statistics: taken once from all tiles of the image (streamed, as training
+    /// statistics are) instead of from each tile alone, so neighbouring tiles agree.
+    fn with_statistics_of(&self, tiles: &dyn ImageSource) -> Result<Option<Box<dyn Detector>>> {
+        if self.settings.statistics != Statistics::TestImage {
+            return Ok(None);
+        }
+        let settings = AcontrarioSettings { statistics: Statistics::Training, ..self.settings.clone() };
+        let mut whole_image = AcontrarioDetector::new(settings);
+        whole_image.fit(tiles, &FitContext::default())?;
+        Ok(Some(Box::new(whole_image)))
+    }
 }
 
 #[cfg(test)]
