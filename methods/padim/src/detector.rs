@@ -18,6 +18,9 @@ use crate::gaussian::{mahalanobis, GaussianAccumulator};
 const MEAN_TENSOR: &str = "mean";
 const INV_COV_TENSOR: &str = "inv_covariance";
 const CHANNELS_TENSOR: &str = "channel_index";
+/// 1 where a position had training samples, 0 where the ignore mask hid it in every image
+/// (absent in models fitted before it existed: every position had samples then).
+const SAMPLED_TENSOR: &str = "sampled_positions";
 
 /// PaDiM's settings. Every field has a default, so `{}` is a valid configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,6 +98,8 @@ struct Gaussians {
     channel_index: Vec<usize>,
     mean: Vec<f32>,
     inv_cov: Vec<f32>,
+    /// Positions with a Gaussian; the others were ignored in every training image.
+    sampled: Vec<bool>,
 }
 
 /// PaDiM (Defard et al., ICPR 2020).
@@ -161,7 +166,18 @@ impl PadimDetector {
         }
         let mean = state.f32(MEAN_TENSOR, None)?;
         let inv_cov = state.f32(INV_COV_TENSOR, Some(&[height, width, d, d]))?;
-        detector.fitted = Some(Gaussians { width, height, channel_index, mean, inv_cov });
+        let sampled = if state.names().any(|n| n == SAMPLED_TENSOR) {
+            if state.shape(SAMPLED_TENSOR)? != [height, width] {
+                return Err(VigilError::Model(format!(
+                    "tensor '{SAMPLED_TENSOR}' has shape {:?}, expected [{height}, {width}]",
+                    state.shape(SAMPLED_TENSOR)?
+                )));
+            }
+            state.i64(SAMPLED_TENSOR)?.iter().map(|&v| v != 0).collect()
+        } else {
+            vec![true; width * height]
+        };
+        detector.fitted = Some(Gaussians { width, height, channel_index, mean, inv_cov, sampled });
         Ok(detector)
     }
 
@@ -219,6 +235,13 @@ fn concat_planes(maps: &[FeatureMap], w: usize, h: usize) -> Vec<Vec<f32>> {
     planes
 }
 
+/// Which positions of a `width`×`height` feature grid an ignore mask leaves in: a position is
+/// ignored when the image pixel at its centre is (nearest sampling with half-pixel centres, so
+/// position (i, j) reads pixel (⌊(i + ½)·W/width⌋, ⌊(j + ½)·H/height⌋)).
+fn kept_cells(ignore: Option<&Mask>, width: usize, height: usize) -> Option<Vec<bool>> {
+    ignore.map(|m| m.resize_nearest(width, height).data.iter().map(|&ignored| !ignored).collect())
+}
+
 impl Detector for PadimDetector {
     fn method(&self) -> &'static str {
         "padim"
@@ -249,16 +272,13 @@ impl Detector for PadimDetector {
             let images: Vec<Image> = (start..end).map(|i| train.load(i)).collect::<Result<_>>()?;
             let (batch, w, h) = self.embeddings(&images, &channel_index)?;
             let (gauss, _, _) = acc.get_or_insert_with(|| (GaussianAccumulator::new(w * h, d), w, h));
-            let masks: Vec<Option<Mask>> = (start..end).map(|i| train.ignore_mask(i)).collect();
-            let valid: Option<Vec<bool>> = masks.iter().any(|m| m.is_some()).then(|| {
-                masks
-                    .iter()
-                    .flat_map(|m| match m {
-                        Some(m) => m.resize_nearest(w, h).data.iter().map(|&ignored| !ignored).collect(),
-                        None => vec![true; w * h],
-                    })
-                    .collect()
-            });
+            // ignored positions stay out of each image's contribution to the Gaussians
+            let kept: Vec<Option<Vec<bool>>> =
+                (start..end).map(|i| kept_cells(train.ignore_mask(i).as_ref(), w, h)).collect();
+            let valid: Option<Vec<bool>> = kept
+                .iter()
+                .any(|k| k.is_some())
+                .then(|| kept.into_iter().flat_map(|k| k.unwrap_or_else(|| vec![true; w * h])).collect());
             gauss.add_batch(&batch, end - start, valid.as_deref());
             if let Some(bar) = &bar {
                 bar.inc((end - start) as u64);
@@ -268,8 +288,8 @@ impl Detector for PadimDetector {
             bar.finish_and_clear();
         }
         let (gauss, width, height) = acc.expect("at least one batch was processed");
-        let (mean, inv_cov) = gauss.finish(self.settings.eps)?;
-        self.fitted = Some(Gaussians { width, height, channel_index, mean, inv_cov });
+        let (mean, inv_cov, sampled) = gauss.finish(self.settings.eps)?;
+        self.fitted = Some(Gaussians { width, height, channel_index, mean, inv_cov, sampled });
         Ok(())
     }
 
@@ -283,16 +303,31 @@ impl Detector for PadimDetector {
             )));
         }
         let d = g.channel_index.len();
-        let dist: Vec<f32> = (0..w * h)
+        // Positions scored: those with a Gaussian, less the ignored ones unless the mask leaves
+        // none of them (the pipeline still clears its pixels in the map).
+        let mut kept = g.sampled.clone();
+        if let Some(not_ignored) = kept_cells(ignore, w, h) {
+            let both: Vec<bool> = kept.iter().zip(&not_ignored).map(|(&s, &n)| s && n).collect();
+            if both.contains(&true) {
+                kept = both;
+            }
+        }
+        let kept_dist: Vec<Option<f32>> = (0..w * h)
             .into_par_iter()
             .map(|p| {
-                mahalanobis(
-                    &emb[p * d..(p + 1) * d],
-                    &g.mean[p * d..(p + 1) * d],
-                    &g.inv_cov[p * d * d..(p + 1) * d * d],
-                )
+                kept[p].then(|| {
+                    mahalanobis(
+                        &emb[p * d..(p + 1) * d],
+                        &g.mean[p * d..(p + 1) * d],
+                        &g.inv_cov[p * d * d..(p + 1) * d * d],
+                    )
+                })
             })
             .collect();
+        // the others get the smallest scored distance, so nothing of theirs reaches the
+        // smoothed map or the image score
+        let floor = kept_dist.iter().flatten().copied().fold(f32::INFINITY, f32::min);
+        let dist = kept_dist.into_iter().map(|v| v.unwrap_or(floor)).collect();
         let (iw, ih) = self.input_size();
         let map = Map::new(w, h, dist)?
             .resize_bilinear(iw, ih)
@@ -324,6 +359,7 @@ impl Detector for PadimDetector {
         bag.put_i64(CHANNELS_TENSOR, &[d], g.channel_index.iter().map(|&c| c as i64).collect());
         bag.put_f32(MEAN_TENSOR, &[g.height, g.width, d], g.mean.clone());
         bag.put_f32(INV_COV_TENSOR, &[g.height, g.width, d, d], g.inv_cov.clone());
+        bag.put_i64(SAMPLED_TENSOR, &[g.height, g.width], g.sampled.iter().map(|&s| s as i64).collect());
         Ok(bag)
     }
 }
@@ -437,6 +473,61 @@ mod tests {
         let (x, y) = (a.score(&img, None).unwrap(), back.score(&img, None).unwrap());
         assert_eq!(x.map, y.map);
         assert_eq!(x.image_score, y.image_score);
+    }
+
+    /// Ignores the square 12..38 around the planted defect of a 48-px texture.
+    fn defect_box() -> Mask {
+        let mut ignore = Mask::empty(48, 48);
+        for y in 12..38 {
+            for x in 12..38 {
+                ignore.data[y * 48 + x] = true;
+            }
+        }
+        ignore
+    }
+
+    #[test]
+    fn ignored_positions_are_left_out_of_the_score_and_the_map_around_them() {
+        let d = fitted(0);
+        let (defect, ignore) = (texture(101, true), defect_box());
+        let all = d.score(&defect, None).unwrap();
+        let masked = d.score(&defect, Some(&ignore)).unwrap();
+        let outside = |map: &Map| {
+            (0..48 * 48).filter(|&i| !ignore.data[i]).map(|i| map.data[i]).fold(f32::MIN, f32::max)
+        };
+        assert_eq!(masked.image_score, Some(outside(&masked.map)));
+        assert!(masked.image_score < all.image_score);
+        // ignored positions are lowered, never raised, and their halo leaves the map around the box
+        assert!(masked.map.data.iter().zip(&all.map.data).all(|(m, a)| *m <= a + 1e-4 * a.abs()));
+        assert!(
+            outside(&masked.map) < outside(&all.map),
+            "{} vs {}",
+            outside(&masked.map),
+            outside(&all.map)
+        );
+    }
+
+    #[test]
+    fn a_region_ignored_in_every_training_image_gets_no_gaussian_and_no_score() {
+        let mut d = PadimDetector::new(small_settings()).unwrap();
+        let train = InMemorySource {
+            images: (0..24).map(|i| texture(i, false)).collect(),
+            ignore: Some(defect_box()),
+        };
+        d.fit(&train, &FitContext::default()).unwrap();
+        let g = d.fitted.as_ref().unwrap();
+        let expected = kept_cells(Some(&defect_box()), g.width, g.height).unwrap();
+        assert_eq!(g.sampled, expected);
+        assert!(expected.contains(&false));
+        // unsampled positions score the floor even when the test image comes without a mask
+        let defect = texture(101, true);
+        let unmasked = d.score(&defect, None).unwrap();
+        let masked = d.score(&defect, Some(&defect_box())).unwrap();
+        assert_eq!(unmasked.map, masked.map);
+        let bytes = d.state().unwrap().to_safetensors().unwrap();
+        let back = PadimDetector::load(&d.settings(), &TensorBag::from_safetensors(&bytes).unwrap()).unwrap();
+        assert_eq!(back.fitted.as_ref().unwrap().sampled, expected);
+        assert_eq!(back.score(&defect, None).unwrap().map, unmasked.map);
     }
 
     #[test]

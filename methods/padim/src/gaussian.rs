@@ -66,31 +66,36 @@ impl GaussianAccumulator {
         self.scatter[p * d2..(p + 1) * d2].iter().map(|v| v / denom).collect()
     }
 
-    /// Means (`[positions][dim]`) and inverses of the covariances regularised by `eps`·I
-    /// (`[positions][dim][dim]`), in f32 for scoring. Positions with no sample are an error.
-    pub fn finish(&self, eps: f64) -> Result<(Vec<f32>, Vec<f32>)> {
-        if let Some(p) = self.counts.iter().position(|&c| c == 0) {
-            return Err(VigilError::invalid(format!(
-                "PaDiM: feature position {p} has no training sample (every image ignores it)"
-            )));
+    /// Means (`[positions][dim]`), inverses of the covariances regularised by `eps`·I
+    /// (`[positions][dim][dim]`), in f32 for scoring, and which positions had a sample. A
+    /// position no sample reached (ignored in every image) keeps zeros and is marked false; it
+    /// is an error only when no position had a sample.
+    pub fn finish(&self, eps: f64) -> Result<(Vec<f32>, Vec<f32>, Vec<bool>)> {
+        let sampled: Vec<bool> = self.counts.iter().map(|&c| c > 0).collect();
+        if !sampled.contains(&true) {
+            return Err(VigilError::invalid(
+                "PaDiM: no feature position has a training sample (all ignored)",
+            ));
         }
         let dim = self.dim;
         let mut inverse = vec![0f32; self.positions * dim * dim];
-        inverse.par_chunks_mut(dim * dim).enumerate().try_for_each(|(p, out)| {
-            let mut cov = self.covariance(p);
-            for i in 0..dim {
-                cov[i * dim + i] += eps;
-            }
-            let inv = spd_inverse(&cov, dim).ok_or_else(|| {
-                VigilError::invalid(format!(
-                    "PaDiM: covariance at feature position {p} is not positive definite \
+        inverse.par_chunks_mut(dim * dim).enumerate().filter(|(p, _)| sampled[*p]).try_for_each(
+            |(p, out)| {
+                let mut cov = self.covariance(p);
+                for i in 0..dim {
+                    cov[i * dim + i] += eps;
+                }
+                let inv = spd_inverse(&cov, dim).ok_or_else(|| {
+                    VigilError::invalid(format!(
+                        "PaDiM: covariance at feature position {p} is not positive definite \
                      (non-finite features, or a regularisation eps of {eps} too small)"
-                ))
-            })?;
-            out.iter_mut().zip(inv).for_each(|(o, v)| *o = v as f32);
-            Ok::<(), VigilError>(())
-        })?;
-        Ok((self.mean.iter().map(|&v| v as f32).collect(), inverse))
+                    ))
+                })?;
+                out.iter_mut().zip(inv).for_each(|(o, v)| *o = v as f32);
+                Ok::<(), VigilError>(())
+            },
+        )?;
+        Ok((self.mean.iter().map(|&v| v as f32).collect(), inverse, sampled))
     }
 }
 
@@ -294,9 +299,15 @@ mod tests {
     }
 
     #[test]
-    fn empty_position_is_an_error() {
+    fn an_empty_position_is_marked_and_all_empty_is_an_error() {
         let mut acc = GaussianAccumulator::new(2, 1);
         acc.add_batch(&[1.0, 2.0], 1, Some(&[true, false]));
-        assert!(acc.finish(0.01).unwrap_err().to_string().contains("position 1"));
+        let (mean, inv, sampled) = acc.finish(0.01).unwrap();
+        assert_eq!(sampled, vec![true, false]);
+        assert_eq!((mean[1], inv[1]), (0.0, 0.0));
+        assert!((inv[0] - 100.0).abs() < 1e-3, "one sample: covariance 0 + eps, inverse {}", inv[0]);
+        let mut none = GaussianAccumulator::new(2, 1);
+        none.add_batch(&[1.0, 2.0], 1, Some(&[false, false]));
+        assert!(none.finish(0.01).unwrap_err().to_string().contains("all ignored"));
     }
 }

@@ -189,12 +189,29 @@ impl PatchcoreDetector {
             .collect()
     }
 
-    /// Patch distances and the image score (paper's re-weighting) of one image.
-    fn patch_scores(&self, bank: &MemoryBank, grid: &PatchGrid, valid: Option<&[bool]>) -> (Vec<f32>, f32) {
-        let (dist, nearest) = bank.nearest(&grid.rows);
-        // the worst patch among those left in (all of them when the mask leaves none)
-        let valid = valid.filter(|v| v.contains(&true));
-        let candidates = (0..dist.len()).filter(|&i| valid.is_none_or(|v| v[i]));
+    /// Patch distances and the image score (paper's re-weighting) of one image. When `kept`
+    /// marks some cells, only those are searched and scored; the others get the smallest kept
+    /// distance, so an ignored patch raises neither the score nor, through the smoothing, the
+    /// map around it.
+    fn patch_scores(&self, bank: &MemoryBank, grid: &PatchGrid, kept: Option<&[bool]>) -> (Vec<f32>, f32) {
+        // a mask that leaves no cell centre in is not applied here (the pipeline still clears
+        // its pixels in the map)
+        let kept = kept.filter(|k| k.contains(&true));
+        let (dist, nearest) = match kept {
+            None => bank.nearest(&grid.rows),
+            Some(k) => {
+                let (kept_dist, kept_nearest) = bank.nearest(&kept_rows(grid, k));
+                let floor = kept_dist.iter().copied().fold(f32::INFINITY, f32::min);
+                let mut dist = vec![floor; k.len()];
+                let mut nearest = vec![0u32; k.len()];
+                let cells = k.iter().enumerate().filter(|(_, &keep)| keep).map(|(i, _)| i);
+                for (i, (d, n)) in cells.zip(kept_dist.into_iter().zip(kept_nearest)) {
+                    (dist[i], nearest[i]) = (d, n);
+                }
+                (dist, nearest)
+            }
+        };
+        let candidates = (0..dist.len()).filter(|&i| kept.is_none_or(|k| k[i]));
         let worst = candidates
             .max_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(b.cmp(&a)))
             .expect("a feature grid has at least one patch");
@@ -239,9 +256,21 @@ fn validate(s: &PatchcoreSettings) -> Result<()> {
     Ok(())
 }
 
-/// Which cells of a `width`×`height` feature grid an ignore mask leaves in (nearest sampling).
-fn valid_cells(ignore: Option<&Mask>, width: usize, height: usize) -> Option<Vec<bool>> {
+/// Which cells of a `width`×`height` feature grid an ignore mask leaves in: a cell is ignored
+/// when the image pixel at its centre is (nearest sampling with half-pixel centres, so cell
+/// (i, j) reads pixel (⌊(i + ½)·W/width⌋, ⌊(j + ½)·H/height⌋)).
+fn kept_cells(ignore: Option<&Mask>, width: usize, height: usize) -> Option<Vec<bool>> {
     ignore.map(|m| m.resize_nearest(width, height).data.iter().map(|&ignored| !ignored).collect())
+}
+
+/// The rows of the cells `kept` marks, in grid order.
+fn kept_rows(grid: &PatchGrid, kept: &[bool]) -> Vec<f32> {
+    grid.rows
+        .chunks_exact(grid.dim)
+        .zip(kept)
+        .filter(|(_, &keep)| keep)
+        .flat_map(|(row, _)| row.iter().copied())
+        .collect()
 }
 
 impl Detector for PatchcoreDetector {
@@ -272,18 +301,10 @@ impl Detector for PatchcoreDetector {
                         coreset.insert(self.plan_coreset(n * grid.width * grid.height, grid.dim, ctx.seed)?)
                     }
                 };
-                match valid_cells(train.ignore_mask(start + offset).as_ref(), grid.width, grid.height) {
+                // ignored patches never enter the bank
+                match kept_cells(train.ignore_mask(start + offset).as_ref(), grid.width, grid.height) {
                     None => builder.push(&grid.rows),
-                    Some(valid) => {
-                        let kept: Vec<f32> = grid
-                            .rows
-                            .chunks_exact(grid.dim)
-                            .zip(&valid)
-                            .filter(|(_, &v)| v)
-                            .flat_map(|(r, _)| r.iter().copied())
-                            .collect();
-                        builder.push(&kept);
-                    }
+                    Some(kept) => builder.push(&kept_rows(&grid, &kept)),
                 }
             }
             if let Some(bar) = &bar {
@@ -305,8 +326,8 @@ impl Detector for PatchcoreDetector {
     fn score(&self, image: &Image, ignore: Option<&Mask>) -> Result<ScoreOutput> {
         let bank = self.bank.as_ref().ok_or_else(|| VigilError::Model("PatchCore is not fitted".into()))?;
         let grid = self.patches(std::slice::from_ref(image))?.pop().expect("one image in, one grid out");
-        let valid = valid_cells(ignore, grid.width, grid.height);
-        let (dist, image_score) = self.patch_scores(bank, &grid, valid.as_deref());
+        let kept = kept_cells(ignore, grid.width, grid.height);
+        let (dist, image_score) = self.patch_scores(bank, &grid, kept.as_deref());
         let (iw, ih) = self.input_size();
         let grid_map = Map::new(grid.width, grid.height, dist)?;
         let map = match self.settings.map_upsampling {
@@ -442,19 +463,57 @@ mod tests {
         assert_ne!(bank(1), bank(2));
     }
 
-    #[test]
-    fn ignored_region_is_left_out_of_the_image_score() {
-        let d = fitted(small_settings(), 0);
-        let defect = texture(101, true);
+    /// Ignores the square 12..38 around the planted defect of a 48-px texture.
+    fn defect_box() -> Mask {
         let mut ignore = Mask::empty(48, 48);
         for y in 12..38 {
             for x in 12..38 {
                 ignore.data[y * 48 + x] = true;
             }
         }
-        let all = d.score(&defect, None).unwrap().image_score.unwrap();
-        let masked = d.score(&defect, Some(&ignore)).unwrap().image_score.unwrap();
-        assert!(masked < all, "masked {masked} vs {all}");
+        ignore
+    }
+
+    #[test]
+    fn ignored_cells_are_left_out_of_the_score_and_the_map_around_them() {
+        // without re-weighting the image score is the largest distance among the kept cells
+        let d = fitted(PatchcoreSettings { num_neighbors: 1, ..small_settings() }, 0);
+        let (defect, ignore) = (texture(101, true), defect_box());
+        let grid = d.patches(std::slice::from_ref(&defect)).unwrap().pop().unwrap();
+        let (dist, _) = d.patch_scores(d.bank.as_ref().unwrap(), &grid, None);
+        let kept = kept_cells(Some(&ignore), grid.width, grid.height).unwrap();
+        // 64-px input, 8x8 grid: cells 2..=5 have their centres (15, 21, 27, 33 px of 48) in the box
+        assert_eq!(kept.iter().filter(|&&k| !k).count(), 16);
+        let kept_max = (0..dist.len()).filter(|&i| kept[i]).map(|i| dist[i]).fold(f32::MIN, f32::max);
+        let all = d.score(&defect, None).unwrap();
+        let masked = d.score(&defect, Some(&ignore)).unwrap();
+        let score = masked.image_score.unwrap();
+        assert!((score - kept_max).abs() <= 1e-4 * kept_max, "{score} vs {kept_max}");
+        assert!(score < all.image_score.unwrap());
+        // the ignored cells are lowered, never raised, and their halo leaves the map around the box
+        assert!(masked.map.data.iter().zip(&all.map.data).all(|(m, a)| *m <= a + 1e-4 * a.abs()));
+        let outside = |map: &Map| {
+            (0..48 * 48).filter(|&i| !ignore.data[i]).map(|i| map.data[i]).fold(f32::MIN, f32::max)
+        };
+        assert!(
+            outside(&masked.map) < outside(&all.map),
+            "{} vs {}",
+            outside(&masked.map),
+            outside(&all.map)
+        );
+    }
+
+    #[test]
+    fn ignored_training_patches_stay_out_of_the_bank() {
+        // every training image carries the dark square; ignoring it at fit time leaves it unseen
+        let train = |ignore| InMemorySource { images: (0..6).map(|i| texture(i, true)).collect(), ignore };
+        let score = |ignore| {
+            let mut d = PatchcoreDetector::new(small_settings()).unwrap();
+            d.fit(&train(ignore), &FitContext::default()).unwrap();
+            d.score(&texture(101, true), None).unwrap().image_score.unwrap()
+        };
+        let (seen, unseen) = (score(None), score(Some(defect_box())));
+        assert!(unseen > 1.5 * seen, "square left out of the bank {unseen} vs learned {seen}");
     }
 
     #[test]
