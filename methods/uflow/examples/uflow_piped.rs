@@ -134,7 +134,7 @@ fn main() {
         let defect = dir.file_name().unwrap().to_string_lossy().to_string();
         for path in images_in(&dir) {
             let image = load(&path);
-            let (out, timing) = detector.score_timed(&image).unwrap();
+            let (out, timing) = detector.score_timed(&image, None).unwrap();
             flow_time += timing.flow;
             nfa_time += timing.nfa;
             scored += 1;

@@ -22,7 +22,8 @@ use vigil_nn::{
 };
 
 use crate::block_nfa::{BlockNfa, Latent};
-use crate::flow::{nll_loss, UFlow, UFlowShape};
+use crate::feature_norm::UflowModel;
+use crate::flow::nll_loss;
 
 /// How the NFA map is computed from the latents.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,6 +33,19 @@ pub enum Segmentation {
     Tree,
     /// Binomial window test (window at the finest scale, probability q of a normal z²).
     Block { window: usize, probability: f64 },
+}
+
+/// How backbone features are normalised before the flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureNorm {
+    /// As the official code: a trainable per-image `LayerNorm([C, H, W])` per scale, trained with
+    /// the flow, for CNN backbones; nothing beyond the transformers' own final LayerNorm for MS-CaiT.
+    #[default]
+    Official,
+    /// Fixed per-channel standardisation with the mean and standard deviation of the training
+    /// features (vigil's earlier preprocessing; not in the paper).
+    Standardize,
 }
 
 /// Everything needed to rebuild a U-Flow model. The default is the CPU preset: the paper's two
@@ -57,6 +71,7 @@ pub struct UflowSettings {
     /// Write a resumable checkpoint every this many steps (when a checkpoint folder is given).
     pub checkpoint_every: usize,
     pub segmentation: Segmentation,
+    pub feature_norm: FeatureNorm,
     /// The paper's MS-CaiT extractor; when set it replaces `backbone`, `weights`, `layers` and
     /// `input_size` (the transformers fix their own input sizes, 448 and 224).
     pub ms_cait: Option<MsCaitWeights>,
@@ -87,6 +102,7 @@ impl Default for UflowSettings {
             lr_end_factor: 0.4,
             checkpoint_every: 50,
             segmentation: Segmentation::Tree,
+            feature_norm: FeatureNorm::Official,
             ms_cait: None,
         }
     }
@@ -100,6 +116,11 @@ impl UflowSettings {
             layers: vec!["_blocks.4".into(), "_blocks.10".into()],
             ..UflowSettings::default()
         }
+    }
+
+    /// Whether the flow is fitted behind trainable per-scale LayerNorms.
+    fn layer_norm(&self) -> bool {
+        self.feature_norm == FeatureNorm::Official && self.ms_cait.is_none()
     }
 
     fn validate(&self) -> Result<()> {
@@ -203,21 +224,31 @@ fn standardize(data: &mut [f32], s: &Standardizer) {
     }
 }
 
-fn fit_standardizer(images: &[Vec<Vec<f32>>], scale: usize, channels: usize) -> Standardizer {
+/// Per-channel statistics of one scale over the positions whose weight is 1 (all without weights).
+fn fit_standardizer(
+    images: &[Vec<Vec<f32>>],
+    weights: Option<&[Vec<Vec<f32>>]>,
+    scale: usize,
+    channels: usize,
+) -> Standardizer {
     let mut sum = vec![0f64; channels];
     let mut sum_sq = vec![0f64; channels];
     let mut count = 0usize;
-    for image in images {
+    for (i, image) in images.iter().enumerate() {
         let data = &image[scale];
         let plane = data.len() / channels;
-        count += plane;
+        let kept = |p: usize| weights.is_none_or(|w| w[i][scale][p] > 0.0);
+        count += (0..plane).filter(|&p| kept(p)).count();
         for (c, values) in data.chunks_exact(plane).enumerate() {
-            for &v in values {
-                sum[c] += v as f64;
-                sum_sq[c] += (v as f64) * (v as f64);
+            for (p, &v) in values.iter().enumerate() {
+                if kept(p) {
+                    sum[c] += v as f64;
+                    sum_sq[c] += (v as f64) * (v as f64);
+                }
             }
         }
     }
+    let count = count.max(1);
     let mean: Vec<f64> = sum.iter().map(|s| s / count as f64).collect();
     // Dead channels (ReLU6 zeros) have no variance; a floor keeps them finite and near zero.
     let inv_std = sum_sq
@@ -237,12 +268,31 @@ pub struct ScoreTiming {
     pub nfa: Duration,
 }
 
+/// 1 for each position of a `side`×`side` grid over the image whose cell holds no ignored pixel,
+/// 0 for the others (row-major). Cells take the pixels they overlap, so a cell touching the
+/// ignored region by a fraction of a pixel is left out too.
+fn kept_positions(ignore: &Mask, side: usize) -> Vec<f32> {
+    let (w, h) = (ignore.width, ignore.height);
+    let mut kept = vec![1f32; side * side];
+    for cy in 0..side {
+        let (y0, y1) = (cy * h / side, ((cy + 1) * h).div_ceil(side).min(h));
+        for cx in 0..side {
+            let (x0, x1) = (cx * w / side, ((cx + 1) * w).div_ceil(side).min(w));
+            if (y0..y1).any(|y| ignore.data[y * w + x0..y * w + x1].iter().any(|&i| i)) {
+                kept[cy * side + cx] = 0.0;
+            }
+        }
+    }
+    kept
+}
+
 /// U-Flow: [`Detector`] with method name "uflow".
 pub struct UflowDetector {
     settings: UflowSettings,
     features: Option<Features>,
+    /// Empty unless the settings ask for [`FeatureNorm::Standardize`].
     standardizers: Vec<Standardizer>,
-    flow: Option<UFlow>,
+    model: Option<UflowModel>,
     /// Mean loss per latent dimension of each epoch of the last fit.
     pub loss_history: Vec<f32>,
 }
@@ -271,7 +321,7 @@ impl UflowDetector {
             settings,
             features: None,
             standardizers: Vec::new(),
-            flow: None,
+            model: None,
             loss_history: Vec::new(),
         }
     }
@@ -283,22 +333,26 @@ impl UflowDetector {
         settings.validate()?;
         let features = Features::new(&settings)?;
         let mut standardizers = Vec::new();
-        for (l, &(channels, _)) in features.shapes.iter().enumerate() {
-            standardizers.push(Standardizer {
-                mean: state.f32(&format!("features.scale{l}.mean"), Some(&[channels]))?,
-                inv_std: state.f32(&format!("features.scale{l}.inv_std"), Some(&[channels]))?,
-            });
+        if settings.feature_norm == FeatureNorm::Standardize {
+            for (l, &(channels, _)) in features.shapes.iter().enumerate() {
+                standardizers.push(Standardizer {
+                    mean: state.f32(&format!("features.scale{l}.mean"), Some(&[channels]))?,
+                    inv_std: state.f32(&format!("features.scale{l}.inv_std"), Some(&[channels]))?,
+                });
+            }
         }
-        let shape = UFlowShape {
-            feature_channels: features.shapes.iter().map(|s| s.0).collect(),
-            steps_per_stage: settings.flow_steps,
-        };
-        let flow = UFlow::load(&shape, state, &default_device())?;
+        let model = UflowModel::load(
+            &features.shapes,
+            settings.layer_norm(),
+            settings.flow_steps,
+            state,
+            &default_device(),
+        )?;
         Ok(UflowDetector {
             settings,
             features: Some(features),
             standardizers,
-            flow: Some(flow),
+            model: Some(model),
             loss_history: Vec::new(),
         })
     }
@@ -307,28 +361,30 @@ impl UflowDetector {
         &self.settings
     }
 
-    fn fitted(&self) -> Result<(&Features, &UFlow)> {
-        match (&self.features, &self.flow) {
-            (Some(f), Some(flow)) => Ok((f, flow)),
+    fn fitted(&self) -> Result<(&Features, &UflowModel)> {
+        match (&self.features, &self.model) {
+            (Some(f), Some(model)) => Ok((f, model)),
             _ => Err(VigilError::Model("uflow: score called before fit or load".into())),
         }
     }
 
     /// Latents (finest first) of one image, each as (data channel-major, channels, side).
     fn latents(&self, image: &Image) -> Result<Vec<(Vec<f32>, usize, usize)>> {
-        let (features, flow) = self.fitted()?;
+        let (features, model) = self.fitted()?;
         let mut raw = features.extract(std::slice::from_ref(image))?.remove(0);
         let device = default_device();
         let inputs = raw
             .iter_mut()
             .enumerate()
             .map(|(l, data)| {
-                standardize(data, &self.standardizers[l]);
+                if let Some(standardizer) = self.standardizers.get(l) {
+                    standardize(data, standardizer);
+                }
                 let (c, side) = features.shapes[l];
                 Tensor::from_data(TensorData::new(data.clone(), [1, c, side, side]), &device)
             })
             .collect();
-        let (latents, _) = flow.forward(inputs);
+        let (latents, _) = model.forward(inputs, None);
         Ok(latents
             .into_iter()
             .map(|z| {
@@ -339,9 +395,17 @@ impl UflowDetector {
     }
 
     /// [`Detector::score`] with the time spent in the flow and in the NFA.
-    pub fn score_timed(&self, image: &Image) -> Result<(ScoreOutput, ScoreTiming)> {
+    pub fn score_timed(&self, image: &Image, ignore: Option<&Mask>) -> Result<(ScoreOutput, ScoreTiming)> {
+        if let Some(mask) = ignore {
+            if (mask.width, mask.height) != (image.width, image.height) {
+                return Err(VigilError::invalid(format!(
+                    "uflow: ignore mask is {}x{} but the image is {}x{}",
+                    mask.width, mask.height, image.width, image.height
+                )));
+            }
+        }
         let start = Instant::now();
-        let latents = self.latents(image)?;
+        let mut latents = self.latents(image)?;
         let (w, h) = (image.width, image.height);
         // AS = 1 − mean_l up(exp(−½ mean_c z²)).
         let mut likelihood = Map::filled(w, h, 0.0);
@@ -362,6 +426,21 @@ impl UflowDetector {
         }
         let map = Map { width: w, height: h, data: likelihood.data.iter().map(|p| 1.0 - p).collect() };
         map.check_finite("uflow")?;
+        // Ignored positions take the most normal value, z = 0, so they can neither start nor join a
+        // detected region; they still count among the tests.
+        if let Some(mask) = ignore {
+            for ((data, _, side), chi2) in latents.iter_mut().zip(chi2.iter_mut()) {
+                let kept = kept_positions(mask, *side);
+                for (u, &k) in chi2.u.data.iter_mut().zip(&kept) {
+                    *u *= k;
+                }
+                for plane in data.chunks_exact_mut(*side * *side) {
+                    for (z, &k) in plane.iter_mut().zip(&kept) {
+                        *z *= k;
+                    }
+                }
+            }
+        }
         let flow_time = start.elapsed();
 
         let start = Instant::now();
@@ -376,7 +455,17 @@ impl UflowDetector {
             }
         };
         let nfa_time = start.elapsed();
-        let image_score = map.max();
+        let image_score = match ignore {
+            None => map.max(),
+            // The most anomalous kept pixel; 0 (no anomaly) when every pixel is ignored.
+            Some(mask) => map
+                .data
+                .iter()
+                .zip(&mask.data)
+                .filter(|(_, &ignored)| !ignored)
+                .map(|(&v, _)| v)
+                .fold(0.0, f32::max),
+        };
         Ok((
             ScoreOutput { map, image_score: Some(image_score), log10_nfa: Some(log10_nfa) },
             ScoreTiming { flow: flow_time, nfa: nfa_time },
@@ -387,29 +476,37 @@ impl UflowDetector {
 /// The checkpoint's file name inside `FitContext::checkpoint_dir`.
 const CHECKPOINT_FILE: &str = "uflow-train.ckpt";
 
-/// Trains a U-Flow on standardised features (`images[i][scale]`, channel-major, shapes
-/// (channels, side) finest first). Returns the inference-side flow and the mean loss per latent
+/// Training features: `values[i][scale]` channel-major, shapes (channels, side) finest first,
+/// and optionally per image and scale the weight of each position in the loss (0 where the ignore
+/// mask touches the position's cell, 1 elsewhere).
+pub struct TrainingFeatures<'a> {
+    pub values: &'a [Vec<Vec<f32>>],
+    pub shapes: &'a [(usize, usize)],
+    pub position_weights: Option<&'a [Vec<Vec<f32>>]>,
+}
+
+/// Trains a U-Flow (and, if the settings ask for it, its per-scale LayerNorms) on features already
+/// standardised or raw. Returns the inference-side model and the mean loss per latent
 /// dimension of each epoch. With a checkpoint folder in `ctx`, the state is written every
 /// `checkpoint_every` steps and a later call with the same folder resumes from it exactly.
 pub fn train_flow(
     settings: &UflowSettings,
-    images: &[Vec<Vec<f32>>],
-    shapes: &[(usize, usize)],
+    data: &TrainingFeatures,
     ctx: &FitContext,
-) -> Result<(UFlow, Vec<f32>)> {
-    train_flow_session(settings, images, shapes, ctx, None)
+) -> Result<(UflowModel, Vec<f32>)> {
+    train_flow_session(settings, data, ctx, None)
 }
 
 /// [`train_flow`] that stops this session (after writing a checkpoint) once `session_limit`
 /// steps are done in total, returning [`VigilError::Interrupted`]; a later call finishes the run.
 pub fn train_flow_session(
     settings: &UflowSettings,
-    images: &[Vec<Vec<f32>>],
-    shapes: &[(usize, usize)],
+    data: &TrainingFeatures,
     ctx: &FitContext,
     session_limit: Option<usize>,
-) -> Result<(UFlow, Vec<f32>)> {
+) -> Result<(UflowModel, Vec<f32>)> {
     settings.validate()?;
+    let (images, shapes) = (data.values, data.shapes);
     if images.is_empty() {
         return Err(VigilError::invalid("uflow: no training images"));
     }
@@ -422,10 +519,15 @@ pub fn train_flow_session(
             )));
         }
     }
-    let shape = UFlowShape {
-        feature_channels: shapes.iter().map(|s| s.0).collect(),
-        steps_per_stage: settings.flow_steps,
-    };
+    if let Some(weights) = data.position_weights {
+        let ok = weights.len() == images.len()
+            && weights
+                .iter()
+                .all(|w| w.len() == shapes.len() && w.iter().zip(shapes).all(|(d, (_, s))| d.len() == s * s));
+        if !ok {
+            return Err(VigilError::invalid("uflow: position weights do not match the training features"));
+        }
+    }
     let checkpoint_path = ctx.checkpoint_dir.as_ref().map(|d| d.join(CHECKPOINT_FILE));
     if session_limit.is_some() && checkpoint_path.is_none() {
         return Err(VigilError::Config(
@@ -437,9 +539,16 @@ pub fn train_flow_session(
         None => None,
     };
     // What a checkpoint must agree with to be resumed.
-    let run = serde_json::json!({ "settings": settings, "images": images.len(), "shapes": shapes });
+    let left_out: Option<Vec<usize>> = data.position_weights.map(|weights| {
+        (0..shapes.len())
+            .map(|l| weights.iter().map(|w| w[l].iter().filter(|&&v| v == 0.0).count()).sum())
+            .collect()
+    });
+    let run = serde_json::json!({
+        "settings": settings, "images": images.len(), "shapes": shapes, "left_out_positions": left_out
+    });
     let device = training_device();
-    let mut flow = UFlow::new(&shape, ctx.seed, &device)?;
+    let mut flow = UflowModel::new(shapes, settings.layer_norm(), settings.flow_steps, ctx.seed, &device)?;
     let mut optimizer = adam(settings.weight_decay as f32);
     if let (Some(ck), Some(path)) = (&resume, &checkpoint_path) {
         if ck.meta.get("run") != Some(&run) || ck.seed != ctx.seed {
@@ -448,8 +557,8 @@ pub fn train_flow_session(
                 "was written by a run with other settings, data or seed; delete it to start over",
             ));
         }
-        flow =
-            UFlow::load(&shape, &ck.weights, &device).map_err(|e| VigilError::file(path, e.to_string()))?;
+        flow = UflowModel::load(shapes, settings.layer_norm(), settings.flow_steps, &ck.weights, &device)
+            .map_err(|e| VigilError::file(path, e.to_string()))?;
         let bytes =
             ck.optimizers.first().ok_or_else(|| VigilError::file(path, "holds no optimiser state"))?;
         optimizer = restore_optimizer(optimizer, bytes)?;
@@ -462,6 +571,7 @@ pub fn train_flow_session(
         settings,
         images,
         shapes,
+        position_weights: data.position_weights,
         seed: ctx.seed,
         run,
         batches_per_epoch,
@@ -502,17 +612,21 @@ pub fn train_flow_session(
     // Inference runs without the autodiff graph: rebuild the flow from its learned state.
     let mut bag = TensorBag::new();
     task.flow.as_ref().expect("flow present after training").save(&mut bag);
-    Ok((UFlow::load(&shape, &bag, &default_device())?, losses))
+    Ok((
+        UflowModel::load(shapes, settings.layer_norm(), settings.flow_steps, &bag, &default_device())?,
+        losses,
+    ))
 }
 
 /// One U-Flow optimiser step at a time, for the resumable training loop. The data order of
 /// each epoch is a pure function of (seed, epoch), so a resumed run draws the same batches.
 struct FlowTask<'a> {
-    flow: Option<UFlow>,
+    flow: Option<UflowModel>,
     optimizer: ModuleOptimizer,
     settings: &'a UflowSettings,
     images: &'a [Vec<Vec<f32>>],
     shapes: &'a [(usize, usize)],
+    position_weights: Option<&'a [Vec<Vec<f32>>]>,
     seed: u64,
     run: serde_json::Value,
     batches_per_epoch: usize,
@@ -535,13 +649,19 @@ impl TrainTask for FlowTask<'_> {
         let (_, order) = self.order.as_ref().expect("order set above");
         let size = self.settings.batch_size;
         let first = (step % self.batches_per_epoch) * size;
-        let batch: Vec<&Vec<Vec<f32>>> =
-            order[first..(first + size).min(order.len())].iter().map(|&i| &self.images[i]).collect();
+        let members = &order[first..(first + size).min(order.len())];
+        let batch: Vec<&Vec<Vec<f32>>> = members.iter().map(|&i| &self.images[i]).collect();
         let inputs =
             (0..self.shapes.len()).map(|l| batch_tensor(&batch, l, self.shapes[l], &self.device)).collect();
+        let weights: Option<Vec<Tensor<4>>> = self.position_weights.map(|all| {
+            let batch: Vec<&Vec<Vec<f32>>> = members.iter().map(|&i| &all[i]).collect();
+            (0..self.shapes.len())
+                .map(|l| batch_tensor(&batch, l, (1, self.shapes[l].1), &self.device))
+                .collect()
+        });
         let flow = self.flow.take().expect("flow present between steps");
-        let (latents, log_det) = flow.forward(inputs);
-        let loss = nll_loss(&latents, log_det);
+        let (latents, log_det) = flow.forward(inputs, weights.as_deref());
+        let loss = nll_loss(&latents, log_det, weights.as_deref());
         let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &flow);
         // PyTorch LinearLR: factor 1 → lr_end_factor over all steps.
@@ -581,35 +701,72 @@ impl Detector for UflowDetector {
         }
         let features = Features::new(&self.settings)?;
         let mut extracted = Vec::with_capacity(train.len());
+        let mut masks = Vec::with_capacity(train.len());
         let chunk: Vec<usize> = (0..train.len()).collect();
         for indices in chunk.chunks(8) {
             let images = indices.iter().map(|&i| train.load(i)).collect::<Result<Vec<_>>>()?;
+            for (&i, image) in indices.iter().zip(&images) {
+                let mask = train.ignore_mask(i);
+                if let Some(m) = &mask {
+                    if (m.width, m.height) != (image.width, image.height) {
+                        return Err(VigilError::invalid(format!(
+                            "uflow: training image {i} is {}x{} but its ignore mask is {}x{}",
+                            image.width, image.height, m.width, m.height
+                        )));
+                    }
+                }
+                masks.push(mask);
+            }
             extracted.extend(features.extract(&images)?);
         }
-        let standardizers: Vec<Standardizer> = features
-            .shapes
-            .iter()
-            .enumerate()
-            .map(|(l, &(c, _))| fit_standardizer(&extracted, l, c))
-            .collect();
-        for image in extracted.iter_mut() {
-            for (l, data) in image.iter_mut().enumerate() {
-                standardize(data, &standardizers[l]);
+        // Ignored regions are left out of the loss (and of the standardisation statistics).
+        let position_weights: Option<Vec<Vec<Vec<f32>>>> = masks.iter().any(Option::is_some).then(|| {
+            masks
+                .iter()
+                .map(|mask| {
+                    features
+                        .shapes
+                        .iter()
+                        .map(|&(_, side)| match mask {
+                            Some(m) => kept_positions(m, side),
+                            None => vec![1.0; side * side],
+                        })
+                        .collect()
+                })
+                .collect()
+        });
+        let standardizers: Vec<Standardizer> = match self.settings.feature_norm {
+            FeatureNorm::Official => Vec::new(),
+            FeatureNorm::Standardize => features
+                .shapes
+                .iter()
+                .enumerate()
+                .map(|(l, &(c, _))| fit_standardizer(&extracted, position_weights.as_deref(), l, c))
+                .collect(),
+        };
+        if !standardizers.is_empty() {
+            for image in extracted.iter_mut() {
+                for (l, data) in image.iter_mut().enumerate() {
+                    standardize(data, &standardizers[l]);
+                }
             }
         }
 
-        let (flow, losses) = train_flow(&self.settings, &extracted, &features.shapes, ctx)?;
+        let data = TrainingFeatures {
+            values: &extracted,
+            shapes: &features.shapes,
+            position_weights: position_weights.as_deref(),
+        };
+        let (model, losses) = train_flow(&self.settings, &data, ctx)?;
         self.loss_history = losses;
-        self.flow = Some(flow);
+        self.model = Some(model);
         self.standardizers = standardizers;
         self.features = Some(features);
         Ok(())
     }
 
-    fn score(&self, image: &Image, _ignore: Option<&Mask>) -> Result<ScoreOutput> {
-        // The flow scores each position from its own receptive field and keeps no image-level
-        // statistics, so an ignore mask has nothing to leave out here; the pipeline masks the map.
-        Ok(self.score_timed(image)?.0)
+    fn score(&self, image: &Image, ignore: Option<&Mask>) -> Result<ScoreOutput> {
+        Ok(self.score_timed(image, ignore)?.0)
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -617,9 +774,9 @@ impl Detector for UflowDetector {
     }
 
     fn state(&self) -> Result<TensorBag> {
-        let (_, flow) = self.fitted()?;
+        let (_, model) = self.fitted()?;
         let mut bag = TensorBag::new();
-        flow.save(&mut bag);
+        model.save(&mut bag);
         for (l, s) in self.standardizers.iter().enumerate() {
             bag.put_f32(&format!("features.scale{l}.mean"), &[s.mean.len()], s.mean.clone());
             bag.put_f32(&format!("features.scale{l}.inv_std"), &[s.inv_std.len()], s.inv_std.clone());
@@ -634,21 +791,9 @@ impl Detector for UflowDetector {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use rand::Rng;
 
     use super::*;
-
-    fn shared_dir() -> Option<PathBuf> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-        if dir.is_dir() {
-            Some(dir)
-        } else {
-            println!("skipped: {} is absent", dir.display());
-            None
-        }
-    }
 
     /// Features with structure a flow can learn: a per-image latent factor shared by all
     /// channels plus small noise, far from the standard normal the flow starts at.
@@ -669,25 +814,70 @@ mod tests {
             .collect()
     }
 
+    fn features<'a>(images: &'a [Vec<Vec<f32>>], shapes: &'a [(usize, usize)]) -> TrainingFeatures<'a> {
+        TrainingFeatures { values: images, shapes, position_weights: None }
+    }
+
     #[test]
     fn tiny_u_flow_training_lowers_the_loss() {
         let shapes = [(4, 4), (8, 2)];
         let images = synthetic_features(8, &shapes, 1);
+        for feature_norm in [FeatureNorm::Official, FeatureNorm::Standardize] {
+            let settings = UflowSettings {
+                epochs: 6,
+                batch_size: 4,
+                learning_rate: 1e-2,
+                flow_steps: 2,
+                feature_norm,
+                ..UflowSettings::default()
+            };
+            let (model, losses) =
+                train_flow(&settings, &features(&images, &shapes), &FitContext::default()).unwrap();
+            assert_eq!(losses.len(), 6);
+            assert!(losses.iter().all(|l| l.is_finite()));
+            assert!(losses[5] < 0.8 * losses[0], "{feature_norm:?}: loss did not fall: {losses:?}");
+            assert_eq!(model.flow().shape().feature_channels, vec![4, 8]);
+            assert_eq!(model.has_layer_norm(), feature_norm == FeatureNorm::Official);
+            // Same seed, same training.
+            let (_, again) =
+                train_flow(&settings, &features(&images, &shapes), &FitContext::default()).unwrap();
+            assert_eq!(losses, again);
+        }
+    }
+
+    #[test]
+    fn ignored_positions_leave_the_loss() {
+        let shapes = [(4, 4), (8, 2)];
+        let images = synthetic_features(8, &shapes, 4);
         let settings = UflowSettings {
-            epochs: 6,
+            epochs: 3,
             batch_size: 4,
             learning_rate: 1e-2,
             flow_steps: 2,
             ..UflowSettings::default()
         };
-        let (flow, losses) = train_flow(&settings, &images, &shapes, &FitContext::default()).unwrap();
-        assert_eq!(losses.len(), 6);
-        assert!(losses.iter().all(|l| l.is_finite()));
-        assert!(losses[5] < 0.8 * losses[0], "loss did not fall: {losses:?}");
-        assert_eq!(flow.shape().feature_channels, vec![4, 8]);
-        // Same seed, same training.
-        let (_, again) = train_flow(&settings, &images, &shapes, &FitContext::default()).unwrap();
-        assert_eq!(losses, again);
+        let ones: Vec<Vec<Vec<f32>>> =
+            images.iter().map(|_| shapes.iter().map(|&(_, s)| vec![1.0; s * s]).collect()).collect();
+        let all_kept = TrainingFeatures { position_weights: Some(&ones), ..features(&images, &shapes) };
+        let (_, plain) = train_flow(&settings, &features(&images, &shapes), &FitContext::default()).unwrap();
+        let (_, weighted) = train_flow(&settings, &all_kept, &FitContext::default()).unwrap();
+        for (a, b) in plain.iter().zip(&weighted) {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                "all-ones weights changed the loss: {plain:?} {weighted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kept_positions_leave_out_every_cell_the_mask_touches() {
+        let mut mask = Mask::empty(10, 10);
+        mask.data[3 * 10 + 4] = true; // pixel (4, 3)
+                                      // 4×4 cells over 10 px: cell x 1 covers pixels 2..5, cell y 1 covers 2..5.
+        let kept = kept_positions(&mask, 4);
+        let dropped: Vec<usize> = (0..16).filter(|&p| kept[p] == 0.0).collect();
+        assert_eq!(dropped, vec![4 + 1]);
+        assert!(kept_positions(&Mask::empty(10, 10), 4).iter().all(|&k| k == 1.0));
     }
 
     #[test]
@@ -703,23 +893,23 @@ mod tests {
             ..UflowSettings::default()
         };
         let (straight, straight_losses) =
-            train_flow(&settings, &images, &shapes, &FitContext::default()).unwrap();
+            train_flow(&settings, &features(&images, &shapes), &FitContext::default()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ctx = FitContext { checkpoint_dir: Some(dir.path().to_path_buf()), ..FitContext::default() };
         // Stop mid-epoch, after step 7 of 12, then finish with a fresh call.
-        let stopped = train_flow_session(&settings, &images, &shapes, &ctx, Some(7)).unwrap_err();
+        let stopped = train_flow_session(&settings, &features(&images, &shapes), &ctx, Some(7)).unwrap_err();
         assert!(matches!(stopped, VigilError::Interrupted(_)), "{stopped}");
-        let (resumed, resumed_losses) = train_flow(&settings, &images, &shapes, &ctx).unwrap();
-        let bag = |flow: &UFlow| {
+        let (resumed, resumed_losses) = train_flow(&settings, &features(&images, &shapes), &ctx).unwrap();
+        let bag = |model: &UflowModel| {
             let mut bag = TensorBag::new();
-            flow.save(&mut bag);
+            model.save(&mut bag);
             bag
         };
         assert_eq!(bag(&resumed), bag(&straight));
         assert_eq!(resumed_losses, straight_losses);
         // A checkpoint from other settings is refused, naming the file.
         let other = UflowSettings { epochs: 5, ..settings.clone() };
-        let error = train_flow(&other, &images, &shapes, &ctx).unwrap_err().to_string();
+        let error = train_flow(&other, &features(&images, &shapes), &ctx).unwrap_err().to_string();
         assert!(error.contains(CHECKPOINT_FILE) && error.contains("delete it"), "{error}");
     }
 
@@ -728,8 +918,9 @@ mod tests {
         let shapes = [(4, 4), (8, 2)];
         let mut images = synthetic_features(2, &shapes, 1);
         images[1][0].pop();
-        assert!(train_flow(&UflowSettings::default(), &images, &shapes, &FitContext::default()).is_err());
-        assert!(train_flow(&UflowSettings::default(), &[], &shapes, &FitContext::default()).is_err());
+        let ctx = FitContext::default();
+        assert!(train_flow(&UflowSettings::default(), &features(&images, &shapes), &ctx).is_err());
+        assert!(train_flow(&UflowSettings::default(), &features(&[], &shapes), &ctx).is_err());
     }
 
     #[test]
@@ -759,8 +950,7 @@ mod tests {
 
     #[test]
     fn fits_a_piped_class_scores_and_reloads() {
-        let Some(shared) = shared_dir() else { return };
-        let class = shared.join("data/piped/PA_BDP01_TL");
+        let Some(class) = vigil_core::shared_data::shared_path("data/piped/PA_BDP01_TL") else { return };
         let load = |dir: &str, count: usize| -> Vec<Image> {
             let mut paths: Vec<PathBuf> =
                 std::fs::read_dir(class.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();

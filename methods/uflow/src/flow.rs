@@ -129,6 +129,13 @@ impl FlowStep {
 
     /// y = f(x) and log|det ∂f/∂x| per sample, for x of shape [B, C, H, W].
     pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<1>) {
+        self.forward_weighted(x, None)
+    }
+
+    /// [`FlowStep::forward`] whose log-determinant sums each position's share (its coupling
+    /// log-scales and the global log-scales) times `weight` ([B, 1, H, W]); with no weight, every
+    /// position counts once.
+    pub fn forward_weighted(&self, x: Tensor<4>, weight: Option<&Tensor<4>>) -> (Tensor<4>, Tensor<1>) {
         let [batch, channels, height, width] = x.dims();
         let (c1, c2) = self.halves();
         let x1 = x.clone().narrow(1, 0, c1);
@@ -140,11 +147,20 @@ impl FlowStep {
             .add(self.global_offset.val().reshape([1, channels, 1, 1]));
         let device = y.device();
         let y = y.select(1, self.index(&self.permutation, &device));
-        let log_det = log_scale
-            .reshape([batch, c2 * height * width])
-            .sum_dim(1)
-            .reshape([batch])
-            .add(scale.log().sum().mul_scalar((height * width) as f32));
+        let log_det = match weight {
+            None => log_scale
+                .reshape([batch, c2 * height * width])
+                .sum_dim(1)
+                .reshape([batch])
+                .add(scale.log().sum().mul_scalar((height * width) as f32)),
+            Some(weight) => log_scale
+                .sum_dim(1)
+                .add(scale.log().sum().reshape([1, 1, 1, 1]))
+                .mul(weight.clone())
+                .reshape([batch, height * width])
+                .sum_dim(1)
+                .reshape([batch]),
+        };
         (y, log_det)
     }
 
@@ -320,6 +336,16 @@ impl UFlow {
     /// Latents z (finest first) and log|det J| per sample, for features given finest first with
     /// each scale exactly half the height and width of the previous one.
     pub fn forward(&self, features: Vec<Tensor<4>>) -> (Vec<Tensor<4>>, Tensor<1>) {
+        self.forward_weighted(features, None)
+    }
+
+    /// [`UFlow::forward`] with per-position weights for the log-determinant, one [B, 1, H, W]
+    /// tensor per scale (finest first): a stage's steps run at its scale's resolution.
+    pub fn forward_weighted(
+        &self,
+        features: Vec<Tensor<4>>,
+        weights: Option<&[Tensor<4>]>,
+    ) -> (Vec<Tensor<4>>, Tensor<1>) {
         let levels = self.stages.len();
         let batch = features[0].dims()[0];
         let device = features[0].device();
@@ -332,7 +358,7 @@ impl UFlow {
                 None => feature,
             };
             for step in &self.stages[l] {
-                let (y, ld) = step.forward(x);
+                let (y, ld) = step.forward_weighted(x, weights.map(|w| &w[l]));
                 x = y;
                 log_det = log_det.add(ld);
             }
@@ -398,14 +424,19 @@ impl UFlow {
     }
 }
 
-/// Negative log-likelihood per batch, constant dropped: mean_b [Σ_l ½‖z_l‖² − log|det J|].
-pub fn nll_loss(latents: &[Tensor<4>], log_det: Tensor<1>) -> Tensor<1> {
+/// Negative log-likelihood per batch, constant dropped: mean_b [Σ_l ½‖z_l‖² − log|det J|] (the
+/// official code's loss). With `weights` (one [B, 1, H, W] per scale, as given to
+/// [`UFlow::forward_weighted`]), each position's ½‖z‖² counts times its weight.
+pub fn nll_loss(latents: &[Tensor<4>], log_det: Tensor<1>, weights: Option<&[Tensor<4>]>) -> Tensor<1> {
     let batch = log_det.dims()[0];
     let mut per_sample = log_det.neg();
-    for z in latents {
+    for (l, z) in latents.iter().enumerate() {
         let [_, c, h, w] = z.dims();
-        per_sample = per_sample
-            .add(z.clone().square().reshape([batch, c * h * w]).sum_dim(1).reshape([batch]).mul_scalar(0.5));
+        let squares = match weights {
+            None => z.clone().square().reshape([batch, c * h * w]),
+            Some(weights) => z.clone().square().sum_dim(1).mul(weights[l].clone()).reshape([batch, h * w]),
+        };
+        per_sample = per_sample.add(squares.sum_dim(1).reshape([batch]).mul_scalar(0.5));
     }
     per_sample.mean()
 }
@@ -570,6 +601,40 @@ mod tests {
         let numeric = numerical_log_det(f, &x, [1, 2, 8, 1]);
         let exact = to_vec(log_det)[0] as f64;
         assert!((exact - numeric).abs() < 5e-2, "exact {exact} vs numeric {numeric}");
+    }
+
+    #[test]
+    fn weighted_log_det_and_loss_split_by_position() {
+        let flow = tiny_uflow();
+        let inputs = || vec![random([2, 2, 2, 2], 31), random([2, 8, 1, 1], 32)];
+        let weights = |fine: [f32; 4], coarse: f32| {
+            vec![
+                Tensor::<4>::from_data(TensorData::new([fine, fine].concat(), [2, 1, 2, 2]), &device()),
+                Tensor::<4>::from_data(TensorData::new(vec![coarse; 2], [2, 1, 1, 1]), &device()),
+            ]
+        };
+        let loss = |w: Option<&[Tensor<4>]>| {
+            let (z, ld) = flow.forward_weighted(inputs(), w);
+            to_vec(nll_loss(&z, ld, w))[0]
+        };
+        let plain = loss(None);
+        let all = loss(Some(&weights([1.0; 4], 1.0)));
+        assert!((plain - all).abs() < 1e-4 * plain.abs().max(1.0), "{plain} vs {all}");
+        // The loss is a sum of per-position terms: two complementary sets of positions add up.
+        let a = loss(Some(&weights([1.0, 0.0, 0.0, 1.0], 0.0)));
+        let b = loss(Some(&weights([0.0, 1.0, 1.0, 0.0], 1.0)));
+        assert!((a + b - plain).abs() < 1e-4 * plain.abs().max(1.0), "{a} + {b} vs {plain}");
+        assert_eq!(loss(Some(&weights([0.0; 4], 0.0))), 0.0);
+        // A latent at a position of weight 0 does not enter the loss.
+        let (z, ld) = flow.forward_weighted(inputs(), None);
+        let w = weights([1.0, 1.0, 1.0, 0.0], 1.0);
+        let before = to_vec(nll_loss(&z, ld.clone(), Some(&w)))[0];
+        let mut fine = tensor_vec(z[0].clone());
+        for c in 0..3 {
+            fine[c * 4 + 3] = 1e3;
+        }
+        let changed = vec![Tensor::from_data(TensorData::new(fine, [2, 3, 2, 2]), &device()), z[1].clone()];
+        assert_eq!(to_vec(nll_loss(&changed, ld, Some(&w)))[0], before);
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! (Tailanian et al., JMIV 2024).
 //!
 //! - [`flow`]: the invertible building blocks and the U-shaped flow (burn).
+//! - [`feature_norm`]: the official trainable per-image LayerNorm of CNN features, and
+//!   [`UflowModel`](feature_norm::UflowModel), norms and flow as one trainable module.
 //! - [`detector`]: [`UflowDetector`], the vigil [`Detector`](vigil_core::Detector).
 //! - [`block_nfa`]: the binomial window variant of the NFA segmentation; the max-tree variant
 //!   lives in `vigil_nfa::maxtree`.
 
 pub mod block_nfa;
 pub mod detector;
+pub mod feature_norm;
 pub mod flow;
 
-pub use detector::{MsCaitWeights, ScoreTiming, Segmentation, UflowDetector, UflowSettings};
+pub use detector::{FeatureNorm, MsCaitWeights, ScoreTiming, Segmentation, UflowDetector, UflowSettings};

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""vigil's U-Flow against anomalib 2.7's U-Flow on MVTec-layout classes, with one metric code for both.
+
+Sub-commands (run with the peer virtualenv, see run.sh):
+  anomalib --class DIR --out DIR [--size 128] [--epochs 60] [--batch 8] [--seed 0]
+      Trains anomalib's U-Flow (its own flow, loss, optimiser and scheduler) on train/good, with
+      MobileNetV2 features.6 + features.13 from the local ImageNet weights behind the trainable
+      per-image LayerNorm([C, H, W]) of anomalib's CNN extractor, and writes the test maps and scores
+      in the layout `uflow_maps` (the vigil example) writes.
+  metrics --maps DIR --class DIR
+      Image AUROC, pixel AUROC and the exact MVTec AUPRO@0.3 of one maps folder, as one JSON line.
+
+anomalib's U-Flow offers only timm ResNets and MS-CaiT as extractors; the MobileNetV2 extractor here
+is anomalib's `LayerNormFeatureExtractor` with torchvision's MobileNetV2 in place of timm's ResNet
+(same LayerNorm, same frozen backbone in eval mode), so both tools see the same features.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore")
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE.parent.parent.parent / "shared" / "peers"
+sys.path.insert(0, str(PEERS))
+import anomalib_bench as peer  # noqa: E402  (backbone loader, data layout and the MVTec AUPRO)
+
+# torchvision MobileNetV2: features.6 ends stride 8 (32 channels), features.13 stride 16 (96 channels).
+TAPS = {6: (32, 8), 13: (96, 16)}
+
+
+class MobileNetV2LayerNormExtractor(torch.nn.Module):
+    """anomalib's LayerNormFeatureExtractor with torchvision MobileNetV2 features.6 + features.13."""
+
+    def __init__(self, input_size) -> None:
+        super().__init__()
+        self.backbone = peer.mobilenet_v2_backbone().features[: max(TAPS) + 1]
+        for p in self.backbone.parameters():
+            p.requires_grad = False
+        self.channels = [c for c, _ in TAPS.values()]
+        self.scale_factors = [s for _, s in TAPS.values()]
+        self.scales = range(len(self.scale_factors))
+        self.feature_normalizations = torch.nn.ModuleList(
+            torch.nn.LayerNorm([c, int(input_size[0] / s), int(input_size[1] / s)], elementwise_affine=True)
+            for c, s in TAPS.values()
+        )
+
+    def forward(self, img: torch.Tensor) -> list[torch.Tensor]:
+        self.backbone.eval()
+        features, x = [], img
+        with torch.no_grad():
+            for i, layer in enumerate(self.backbone):
+                x = layer(x)
+                if i in TAPS:
+                    features.append(x)
+        return [norm(f) for norm, f in zip(self.feature_normalizations, features)]
+
+
+def build_uflow(size: int):
+    from anomalib.models import Uflow
+    from anomalib.models.image.uflow import torch_model
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    torch_model.get_feature_extractor = lambda _backbone, input_size: MobileNetV2LayerNormExtractor(input_size)
+    transform = Compose([Resize((size, size), antialias=True),
+                         Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    return Uflow(backbone="mobilenet_v2", flow_steps=4, pre_processor=PreProcessor(transform=transform),
+                 post_processor=False, evaluator=False, visualizer=False)
+
+
+def cmd_anomalib(args) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    root = Path(args.class_dir)
+    model = build_uflow(args.size)
+    tf = model.pre_processor.transform
+    train, test, _, _ = peer.load_class(root)
+    train_x = peer.load_images(train, tf)
+    # anomalib's configure_optimizers: Adam 1e-3, weight decay 1e-5, LinearLR(1 -> 0.4 over 25,000),
+    # stepped once per epoch as Lightning does by default.
+    optimizers, schedulers = model.configure_optimizers()
+    optimizer, scheduler = optimizers[0], schedulers[0]
+    start = time.perf_counter()
+    losses = []
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.epochs):
+        model.model.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        epoch_loss = 0.0
+        for i in range(0, len(order), args.batch):
+            z, ljd = model.model(train_x[order[i:i + args.batch]])
+            loss = model.loss(z, ljd)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += float(loss)
+        scheduler.step()
+        losses.append(epoch_loss)
+    fit_s = time.perf_counter() - start
+    model.model.eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    test_x = peer.load_images(test, tf)
+    maps, index = [], []
+    with torch.no_grad():
+        for i in range(0, len(test_x), 16):
+            batch = model.model(test_x[i:i + 16])
+            for score, amap in zip(batch.pred_score.reshape(-1), batch.anomaly_map):
+                amap = amap.reshape(1, 1, *amap.shape[-2:]).float()
+                path = test[len(index)]
+                w, h = Image.open(path).size
+                full = torch.nn.functional.interpolate(amap, size=(h, w), mode="bilinear", align_corners=False)
+                maps.append(full[0, 0].numpy().astype("<f4"))
+                index.append({"path": str(path.relative_to(root)), "score": float(score), "width": w, "height": h})
+    np.concatenate([m.ravel() for m in maps]).tofile(out / "maps.f32")
+    (out / "index.json").write_text(json.dumps({"images": index, "fit_s": fit_s, "epoch_losses": losses}))
+    print(json.dumps({"class": root.name, "fit_s": fit_s}), flush=True)
+
+
+def load_maps(maps_dir: Path):
+    meta = json.loads((maps_dir / "index.json").read_text())
+    flat = np.fromfile(maps_dir / "maps.f32", dtype="<f4")
+    maps, offset = {}, 0
+    for item in meta["images"]:
+        n = item["width"] * item["height"]
+        maps[item["path"]] = (item["score"], flat[offset:offset + n].reshape(item["height"], item["width"]))
+        offset += n
+    if offset != len(flat):
+        raise SystemExit(f"{maps_dir}/maps.f32 holds {len(flat)} values, index.json describes {offset}")
+    return maps
+
+
+def cmd_metrics(args) -> None:
+    root = Path(args.class_dir)
+    maps = load_maps(Path(args.maps))
+    _, test, labels, gts = peer.load_class(root)
+    scores, pixel_maps = [], []
+    for path in test:
+        key = str(path.relative_to(root))
+        if key not in maps:
+            raise SystemExit(f"{args.maps}: no map for {key}")
+        score, m = maps[key]
+        scores.append(score)
+        pixel_maps.append(m)
+    print(json.dumps({
+        "class": root.name,
+        "image_auroc": float(roc_auc_score(labels, scores)),
+        "pixel_auroc": float(roc_auc_score(np.concatenate([g.ravel() for g in gts]),
+                                           np.concatenate([m.ravel() for m in pixel_maps]))),
+        "aupro": peer.mvtec_aupro(pixel_maps, gts),
+    }), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["anomalib", "metrics"])
+    ap.add_argument("--class", dest="class_dir", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--maps")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    {"anomalib": cmd_anomalib, "metrics": cmd_metrics}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
