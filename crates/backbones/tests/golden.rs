@@ -1,21 +1,13 @@
 //! Pretrained MobileNetV2 and EfficientNet-Lite0 against reference activations computed by an
-//! independent numpy implementation (shared/weights/*/golden_*.safetensors).
+//! independent numpy implementation (shared/weights/*/golden_*.safetensors). Skipped when the
+//! shared folder is absent, failed instead with VIGIL_REQUIRE_SHARED=1.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 use vigil_backbones::{Backbone, BackboneKind, Engine};
+use vigil_core::shared_data::shared_path;
 use vigil_core::{Image, TensorBag};
-
-fn shared_weights() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/weights");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("skipped: {} is absent", dir.display());
-        None
-    }
-}
 
 fn read_bag(path: &Path) -> TensorBag {
     TensorBag::from_safetensors(&std::fs::read(path).unwrap()).unwrap()
@@ -37,7 +29,7 @@ fn top5(logits: &[f32]) -> Vec<usize> {
 
 /// `taps` pairs a backbone layer with the golden file's name for it. Both engines are checked.
 fn check_golden(kind: BackboneKind, folder: &str, taps: &[(&str, &str)]) {
-    let Some(weights) = shared_weights() else { return };
+    let Some(weights) = shared_path("weights") else { return };
     let dir = weights.join(folder);
     let loaded = Backbone::load(kind, &dir.join(format!("{folder}.safetensors"))).unwrap();
     for engine in [Engine::Kernels, Engine::Burn] {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use rand::{Rng, SeedableRng};
+use vigil_core::shared_data::shared_path;
 
 const SIZE: u32 = 48;
 /// A small, fast a contrario configuration with statistics learned from the training images.
@@ -386,13 +387,12 @@ fn draem_trains_through_the_cli_with_checkpoints() {
 }
 
 /// The pretrained-feature methods with the real MobileNetV2 weights on one real PIPED class.
-/// Skipped (with a message) when `<workspace>/../shared` is absent.
+/// Skipped (with a message) when `<workspace>/../shared` is absent; failed with VIGIL_REQUIRE_SHARED=1.
 #[test]
 fn pretrained_feature_methods_separate_real_impurities() {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-    let class = shared.join("data/piped/PA_BDP01_TL");
-    if !class.is_dir() || !shared.join("weights/mobilenet_v2").is_dir() {
-        eprintln!("skipped: {} is absent", shared.display());
+    let Some(class) = shared_path("data/piped/PA_BDP01_TL") else { return };
+    // The binary finds these weights itself (VIGIL_WEIGHTS_DIR, else the shared folder).
+    if shared_path("weights/mobilenet_v2").is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

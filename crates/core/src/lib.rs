@@ -8,6 +8,7 @@ pub mod map;
 pub mod mask;
 pub mod model_file;
 pub mod progress;
+pub mod shared_data;
 pub mod simd;
 pub mod tensors;
 pub mod threshold;

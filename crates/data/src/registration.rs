@@ -831,14 +831,8 @@ mod tests {
     }
 
     fn shared_texture(name: &str) -> Option<Image> {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/textures/skimage").join(name);
-        if path.is_file() {
-            Some(load_image(&path).unwrap())
-        } else {
-            println!("skipped: real texture not found at {}", path.display());
-            None
-        }
+        let path = vigil_core::shared_data::shared_path(&format!("data/textures/skimage/{name}"))?;
+        Some(load_image(&path).unwrap())
     }
 
     /// Warps `reference` by a known nudge, registers it back and checks the recovered homography

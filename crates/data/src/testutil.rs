@@ -20,13 +20,7 @@ pub fn write_gray8(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
     image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)])).save(path).unwrap();
 }
 
-/// `<workspace>/../shared/data/piped/<class>`, or None (with a message) when absent.
+/// The shared PIPED class folder, or None when absent (a failure with VIGIL_REQUIRE_SHARED=1).
 pub fn piped_class(class: &str) -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/piped").join(class);
-    if root.is_dir() {
-        Some(root)
-    } else {
-        println!("skipped: real data not found at {}", root.display());
-        None
-    }
+    vigil_core::shared_data::shared_path(&format!("data/piped/{class}"))
 }

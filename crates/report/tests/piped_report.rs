@@ -1,23 +1,14 @@
 //! Overlays and a report built from real PIPED paper images: the outline follows the real
 //! ground-truth boundary, and textured thumbnails keep the page small.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use vigil_core::shared_data::shared_path;
 use vigil_core::{Image, Map, Mask};
 use vigil_report::{encode_png, outline, overlay, render_html, ReportData, ReportItem, OUTLINE_COLOUR};
 
 const CLASS: &str = "PA_BFT01_TL";
 const ITEMS: usize = 12;
-
-fn piped_class() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/piped").join(CLASS);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("skipping: {} is absent", dir.display());
-        None
-    }
-}
 
 fn load(path: &Path) -> (Image, image::GrayImage) {
     let rgb = image::open(path).unwrap().to_rgb8();
@@ -33,7 +24,7 @@ fn load(path: &Path) -> (Image, image::GrayImage) {
 
 #[test]
 fn real_overlays_outline_the_ground_truth_and_the_report_stays_small() {
-    let Some(dir) = piped_class() else { return };
+    let Some(dir) = shared_path(&format!("data/piped/{CLASS}")) else { return };
     let mut stems: Vec<String> = std::fs::read_dir(dir.join("test/impurity"))
         .unwrap()
         .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().to_string())

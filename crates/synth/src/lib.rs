@@ -298,11 +298,7 @@ mod tests {
 
     #[test]
     fn texture_folder_source() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/textures/dtd");
-        if !dir.exists() {
-            println!("skipping: {} is absent", dir.display());
-            return;
-        }
+        let Some(dir) = vigil_core::shared_data::shared_path("data/textures/dtd") else { return };
         let source = AnomalySource::from_folder(&dir).unwrap();
         let AnomalySource::Textures(files) = &source else { panic!() };
         assert!(files.len() >= 10);
