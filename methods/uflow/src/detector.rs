@@ -48,6 +48,18 @@ pub enum FeatureNorm {
     Standardize,
 }
 
+/// How the per-scale latents become the anomaly map (each scale's map is up-sampled bilinearly).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AnomalyMap {
+    /// The paper's: 1 − mean over scales of exp(−½ mean_c z²), in [0, 1].
+    #[default]
+    Likelihood,
+    /// Mean over scales of ½ mean_c z², the negative log-likelihood per dimension: it does not
+    /// saturate where one scale already gives a likelihood near 0.
+    NegLogLikelihood,
+}
+
 /// Everything needed to rebuild a U-Flow model. The default is the CPU preset: the paper's two
 /// scales (one octave apart) from MobileNetV2 at strides 8 and 16 of the image at its native
 /// 128 pixels, 4 steps per stage; it fits a 32-image PIPED class in seconds.
@@ -72,6 +84,7 @@ pub struct UflowSettings {
     pub checkpoint_every: usize,
     pub segmentation: Segmentation,
     pub feature_norm: FeatureNorm,
+    pub anomaly_map: AnomalyMap,
     /// The paper's MS-CaiT extractor; when set it replaces `backbone`, `weights`, `layers` and
     /// `input_size` (the transformers fix their own input sizes, 448 and 224).
     pub ms_cait: Option<MsCaitWeights>,
@@ -103,6 +116,7 @@ impl Default for UflowSettings {
             checkpoint_every: 50,
             segmentation: Segmentation::Tree,
             feature_norm: FeatureNorm::Official,
+            anomaly_map: AnomalyMap::Likelihood,
             ms_cait: None,
         }
     }
@@ -407,8 +421,8 @@ impl UflowDetector {
         let start = Instant::now();
         let mut latents = self.latents(image)?;
         let (w, h) = (image.width, image.height);
-        // AS = 1 − mean_l up(exp(−½ mean_c z²)).
-        let mut likelihood = Map::filled(w, h, 0.0);
+        // AS = 1 − mean_l up(exp(−½ mean_c z²)), or mean_l up(½ mean_c z²).
+        let mut combined = Map::filled(w, h, 0.0);
         let mut chi2 = Vec::with_capacity(latents.len());
         for (data, c, side) in &latents {
             let mut u = vec![0f32; side * side];
@@ -417,14 +431,22 @@ impl UflowDetector {
                     *acc += z * z;
                 }
             }
-            let p: Vec<f32> = u.iter().map(|s| (-0.5 * s / *c as f32).exp()).collect();
-            let up = Map { width: *side, height: *side, data: p }.resize_bilinear(w, h);
-            for (acc, v) in likelihood.data.iter_mut().zip(&up.data) {
+            let per_position: Vec<f32> = match self.settings.anomaly_map {
+                AnomalyMap::Likelihood => u.iter().map(|s| (-0.5 * s / *c as f32).exp()).collect(),
+                AnomalyMap::NegLogLikelihood => u.iter().map(|s| 0.5 * s / *c as f32).collect(),
+            };
+            let up = Map { width: *side, height: *side, data: per_position }.resize_bilinear(w, h);
+            for (acc, v) in combined.data.iter_mut().zip(&up.data) {
                 *acc += v / latents.len() as f32;
             }
             chi2.push(Chi2Map { u: Map { width: *side, height: *side, data: u }, dof: *c });
         }
-        let map = Map { width: w, height: h, data: likelihood.data.iter().map(|p| 1.0 - p).collect() };
+        let map = match self.settings.anomaly_map {
+            AnomalyMap::Likelihood => {
+                Map { width: w, height: h, data: combined.data.iter().map(|p| 1.0 - p).collect() }
+            }
+            AnomalyMap::NegLogLikelihood => combined,
+        };
         map.check_finite("uflow")?;
         // Ignored positions take the most normal value, z = 0, so they can neither start nor join a
         // detected region; they still count among the tests.
@@ -457,7 +479,8 @@ impl UflowDetector {
         let nfa_time = start.elapsed();
         let image_score = match ignore {
             None => map.max(),
-            // The most anomalous kept pixel; 0 (no anomaly) when every pixel is ignored.
+            // The most anomalous kept pixel; 0 (no anomaly, both maps are ≥ 0) when every pixel is
+            // ignored.
             Some(mask) => map
                 .data
                 .iter()
@@ -976,5 +999,15 @@ mod tests {
         let again = reloaded.score(&image, None).unwrap();
         assert_eq!(again.map, out.map);
         assert_eq!(again.log10_nfa, out.log10_nfa);
+
+        // The map choice is a scoring setting: same state, a non-negative map, the same NFA.
+        let nll =
+            UflowSettings { anomaly_map: AnomalyMap::NegLogLikelihood, ..detector.settings_struct().clone() };
+        let nll =
+            UflowDetector::load(&serde_json::to_value(&nll).unwrap(), &detector.state().unwrap()).unwrap();
+        let other = nll.score(&image, None).unwrap();
+        assert!(other.map.data.iter().all(|&v| v.is_finite() && v >= 0.0));
+        assert_ne!(other.map, out.map);
+        assert_eq!(other.log10_nfa, out.log10_nfa);
     }
 }

@@ -13,4 +13,6 @@ pub mod detector;
 pub mod feature_norm;
 pub mod flow;
 
-pub use detector::{FeatureNorm, MsCaitWeights, ScoreTiming, Segmentation, UflowDetector, UflowSettings};
+pub use detector::{
+    AnomalyMap, FeatureNorm, MsCaitWeights, ScoreTiming, Segmentation, UflowDetector, UflowSettings,
+};
