@@ -2,7 +2,7 @@
 """vigil's U-Flow against anomalib 2.7's U-Flow on MVTec-layout classes, with one metric code for both.
 
 Sub-commands (run with the peer virtualenv, see run.sh):
-  anomalib --class DIR --out DIR [--size 128] [--epochs 60] [--batch 8] [--seed 0]
+  anomalib --class DIR --out DIR [--size 128] [--epochs 60] [--batch 8] [--seed 0] [--loss anomalib|official]
       Trains anomalib's U-Flow (its own flow, loss, optimiser and scheduler) on train/good, with
       MobileNetV2 features.6 + features.13 from the local ImageNet weights behind the trainable
       per-image LayerNorm([C, H, W]) of anomalib's CNN extractor, and writes the test maps and scores
@@ -102,7 +102,13 @@ def cmd_anomalib(args) -> None:
         epoch_loss = 0.0
         for i in range(0, len(order), args.batch):
             z, ljd = model.model(train_x[order[i:i + args.batch]])
-            loss = model.loss(z, ljd)
+            if args.loss == "official":
+                # mtailanian/uflow train.py: ½‖z‖² summed per sample, then the batch mean of (that − ljd).
+                per_sample = torch.sum(torch.stack([0.5 * torch.sum(zi ** 2, dim=(1, 2, 3)) for zi in z]), dim=0)
+                loss = torch.mean(per_sample - ljd)
+            else:
+                # anomalib's UFlowLoss sums ½‖z‖² over the batch too, i.e. B × the official z term.
+                loss = model.loss(z, ljd)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -175,6 +181,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loss", choices=["anomalib", "official"], default="anomalib",
+                    help="anomalib's UFlowLoss (default) or the official code's per-sample loss")
     args = ap.parse_args()
     {"anomalib": cmd_anomalib, "metrics": cmd_metrics}[args.cmd](args)
 
