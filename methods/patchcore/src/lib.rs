@@ -8,8 +8,9 @@
 //!   holding every patch, so fitting 12,000 images stays within a few GB.
 //! - Greedy k-center updates a min-distance vector with one pass per pick (no recomputed
 //!   distance matrices), and nearest-neighbour search uses blocked matrix products.
-//! - The patch-score map is up-sampled bilinearly (anomalib uses nearest), smoothed with
-//!   σ = 4 input pixels, then resized to the image.
+//! - The patch-distance grid is up-sampled to the input size by nearest neighbour (anomalib's
+//!   convention, the default; `map_upsampling = "bilinear"` gives the paper's wording), smoothed
+//!   with σ = 4 input pixels, then resized bilinearly to the image.
 
 pub mod coreset;
 pub mod detector;
