@@ -141,7 +141,9 @@ fn pure_noise_gives_about_one_false_detection_per_image() {
     // tests, E[false detections] ≤ 1 per image (detections counted as connected regions, at most
     // the number of meaningful tests). The thesis's count (per channel and scale) allows up to
     // channels × scales. The Gabor responses are correlated (the thesis says so), so their
-    // distance is not χ² and no such bound holds: that variant is only reported, not asserted.
+    // distance is not χ²(m) and that bound does not hold; what does hold is checked by
+    // `gabor_exceedances_follow_the_law_of_correlated_responses` below, and the region counts
+    // here are only reported for Gabor.
     let (w, h, n) = (96, 96, 6);
     for feature in [Feature::Pca, Feature::Gabor] {
         let thesis = settings(feature, Statistics::TestImage, NfaVariant::Pixel);
@@ -163,6 +165,84 @@ fn pure_noise_gives_about_one_false_detection_per_image() {
             assert!(without <= 4.0 + 1.0, "{without} false detections per image (thesis count, 4 levels)");
         }
     }
+    gabor_exceedances_follow_the_law_of_correlated_responses();
+}
+
+/// The Gabor half. Under white noise the responses of the unit-norm bank are jointly Gaussian with
+/// correlation R_ij = <g_i, g_j>, so the diagonal Mahalanobis distance the detector computes is
+/// Σ_k λ_k χ²(1) over the eigenvalues λ of R: the mean m of χ²(m), but a heavier tail. At the
+/// finest level of a white-noise image (one scale, so no pyramid filtering) that law is exact
+/// away from the borders, and it predicts how many pixels reach log10 NFA ≤ 0 there: the thesis's
+/// χ²(m) promise of at most one per image holds only if R is the identity. Both are checked: the
+/// measured count must match the correlated law within a factor of 2 (exceedances come in
+/// clusters the size of the filters, so the count is far noisier than a Poisson count), and it is
+/// reported against the χ²(m) promise. Measured with the default bank (72 filters, R's eigenvalues
+/// from 5e-5 to 10): 376 interior pixels per 128x128 image against 384 from the correlated law and
+/// 0.59 promised, so the Gabor PixelNFA is about 650 times too optimistic on pure noise.
+fn gabor_exceedances_follow_the_law_of_correlated_responses() {
+    let (size, images) = (128, 6);
+    let base = AcontrarioSettings {
+        scales: 1,
+        ..settings(Feature::Gabor, Statistics::TestImage, NfaVariant::Pixel)
+    };
+    let (radius, kernels) = vigil_acontrario::gabor::bank(&base.gabor_sizes, base.gabor_orientations);
+    // Interior pixels only: near the border the padded plane repeats pixels and changes the law.
+    let interior = |i: usize| {
+        let (x, y) = (i % size, i / size);
+        (radius..size - radius).contains(&x) && (radius..size - radius).contains(&y)
+    };
+    let interior_pixels = (size - 2 * radius).pow(2);
+    let mut measured = 0usize;
+    for seed in 0..images {
+        let out = AcontrarioDetector::new(base.clone())
+            .score(&noise(size, size, 1, 400 + seed as u64), None)
+            .unwrap();
+        let nfa = out.log10_nfa.unwrap();
+        measured += nfa.data.iter().enumerate().filter(|&(i, &v)| interior(i) && v <= 0.0).count();
+    }
+    let measured = measured as f64 / images as f64;
+    // log10 NFA = log10(H·W) + log10 P[χ²(m) > d²] ≤ 0 (one channel, one scale, thesis count)
+    let level = -((size * size) as f64).log10();
+    let tail = correlated_exceedance(&kernels, level, 400_000, 7);
+    let predicted = interior_pixels as f64 * tail;
+    let promised = interior_pixels as f64 / (size * size) as f64;
+    eprintln!(
+        "Gabor, one scale, {size}x{size} white noise: {measured:.1} interior pixels per image at log10 NFA <= 0; \
+         correlated-response law {predicted:.1}; chi2({}) promise {promised:.2}",
+        kernels.len()
+    );
+    assert!(
+        (0.5..=2.0).contains(&(measured / predicted)),
+        "measured {measured:.1} vs {predicted:.1} predicted by the correlated law"
+    );
+}
+
+/// P[Σ z_i² has log10 P[χ²(m) > Σ z_i²] ≤ level] for z ~ N(0, R), R the correlation matrix of the
+/// filters' responses to white noise, by Monte Carlo (z = L g, L L^T = R, g standard normal).
+fn correlated_exceedance(kernels: &[Vec<f64>], level: f64, samples: usize, seed: u64) -> f64 {
+    let m = kernels.len();
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut l = vec![0.0; m * m];
+    for i in 0..m {
+        for j in 0..=i {
+            let r = dot(&kernels[i], &kernels[j])
+                / (dot(&kernels[i], &kernels[i]) * dot(&kernels[j], &kernels[j])).sqrt();
+            let s = r - dot(&l[i * m..i * m + j], &l[j * m..j * m + j]);
+            l[i * m + j] = if i == j { s.max(1e-12).sqrt() } else { s / l[j * m + j] };
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut g = vec![0.0; m];
+    let mut hits = 0usize;
+    for _ in 0..samples {
+        for v in g.iter_mut() {
+            let (u, w): (f64, f64) = (rng.gen::<f64>().max(1e-300), rng.gen());
+            *v = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * w).cos();
+        }
+        let d2: f64 = (0..m).map(|i| dot(&l[i * m..i * m + i + 1], &g[..i + 1]).powi(2)).sum();
+        hits += (vigil_nfa::tails::log10_chi2_sf(d2, m as f64) <= level) as usize;
+    }
+    hits as f64 / samples as f64
 }
 
 #[test]
