@@ -48,16 +48,16 @@ pub enum FeatureNorm {
     Standardize,
 }
 
-/// How the per-scale latents become the anomaly map (each scale's map is up-sampled bilinearly).
+/// The training loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum AnomalyMap {
-    /// The paper's: 1 − mean over scales of exp(−½ mean_c z²), in [0, 1].
+pub enum Loss {
+    /// The official code's: the batch mean of Σ_l ½‖z_l‖² − log|det J| per image.
     #[default]
-    Likelihood,
-    /// Mean over scales of ½ mean_c z², the negative log-likelihood per dimension: it does not
-    /// saturate where one scale already gives a likelihood near 0.
-    NegLogLikelihood,
+    Official,
+    /// anomalib 2.7's `UFlowLoss`, which also sums ½‖z‖² over the batch: B times the official
+    /// z term, i.e. the likelihood under N(0, I/B) while the map and the NFA assume N(0, I).
+    Anomalib,
 }
 
 /// Everything needed to rebuild a U-Flow model. The default is the CPU preset: the paper's two
@@ -84,7 +84,7 @@ pub struct UflowSettings {
     pub checkpoint_every: usize,
     pub segmentation: Segmentation,
     pub feature_norm: FeatureNorm,
-    pub anomaly_map: AnomalyMap,
+    pub loss: Loss,
     /// The paper's MS-CaiT extractor; when set it replaces `backbone`, `weights`, `layers` and
     /// `input_size` (the transformers fix their own input sizes, 448 and 224).
     pub ms_cait: Option<MsCaitWeights>,
@@ -116,7 +116,7 @@ impl Default for UflowSettings {
             checkpoint_every: 50,
             segmentation: Segmentation::Tree,
             feature_norm: FeatureNorm::Official,
-            anomaly_map: AnomalyMap::Likelihood,
+            loss: Loss::Official,
             ms_cait: None,
         }
     }
@@ -421,8 +421,8 @@ impl UflowDetector {
         let start = Instant::now();
         let mut latents = self.latents(image)?;
         let (w, h) = (image.width, image.height);
-        // AS = 1 − mean_l up(exp(−½ mean_c z²)), or mean_l up(½ mean_c z²).
-        let mut combined = Map::filled(w, h, 0.0);
+        // AS = 1 − mean_l up(exp(−½ mean_c z²)).
+        let mut likelihood = Map::filled(w, h, 0.0);
         let mut chi2 = Vec::with_capacity(latents.len());
         for (data, c, side) in &latents {
             let mut u = vec![0f32; side * side];
@@ -431,22 +431,14 @@ impl UflowDetector {
                     *acc += z * z;
                 }
             }
-            let per_position: Vec<f32> = match self.settings.anomaly_map {
-                AnomalyMap::Likelihood => u.iter().map(|s| (-0.5 * s / *c as f32).exp()).collect(),
-                AnomalyMap::NegLogLikelihood => u.iter().map(|s| 0.5 * s / *c as f32).collect(),
-            };
-            let up = Map { width: *side, height: *side, data: per_position }.resize_bilinear(w, h);
-            for (acc, v) in combined.data.iter_mut().zip(&up.data) {
+            let p: Vec<f32> = u.iter().map(|s| (-0.5 * s / *c as f32).exp()).collect();
+            let up = Map { width: *side, height: *side, data: p }.resize_bilinear(w, h);
+            for (acc, v) in likelihood.data.iter_mut().zip(&up.data) {
                 *acc += v / latents.len() as f32;
             }
             chi2.push(Chi2Map { u: Map { width: *side, height: *side, data: u }, dof: *c });
         }
-        let map = match self.settings.anomaly_map {
-            AnomalyMap::Likelihood => {
-                Map { width: w, height: h, data: combined.data.iter().map(|p| 1.0 - p).collect() }
-            }
-            AnomalyMap::NegLogLikelihood => combined,
-        };
+        let map = Map { width: w, height: h, data: likelihood.data.iter().map(|p| 1.0 - p).collect() };
         map.check_finite("uflow")?;
         // Ignored positions take the most normal value, z = 0, so they can neither start nor join a
         // detected region; they still count among the tests.
@@ -479,8 +471,7 @@ impl UflowDetector {
         let nfa_time = start.elapsed();
         let image_score = match ignore {
             None => map.max(),
-            // The most anomalous kept pixel; 0 (no anomaly, both maps are ≥ 0) when every pixel is
-            // ignored.
+            // The most anomalous kept pixel; 0 (no anomaly) when every pixel is ignored.
             Some(mask) => map
                 .data
                 .iter()
@@ -527,6 +518,18 @@ pub fn train_flow_session(
     data: &TrainingFeatures,
     ctx: &FitContext,
     session_limit: Option<usize>,
+) -> Result<(UflowModel, Vec<f32>)> {
+    train_flow_on(settings, data, ctx, session_limit, None)
+}
+
+/// [`train_flow_session`] whose checkpoints record the images the features come from
+/// (`training_set`), so that a resume on other images is refused.
+fn train_flow_on(
+    settings: &UflowSettings,
+    data: &TrainingFeatures,
+    ctx: &FitContext,
+    session_limit: Option<usize>,
+    training_set: Option<vigil_core::DataFingerprint>,
 ) -> Result<(UflowModel, Vec<f32>)> {
     settings.validate()?;
     let (images, shapes) = (data.values, data.shapes);
@@ -607,6 +610,7 @@ pub fn train_flow_session(
     config.checkpoint_path = checkpoint_path;
     config.session_limit = session_limit;
     config.show_progress = ctx.show_progress;
+    config.data = training_set;
     let outcome = run_training(&mut task, &config, resume.as_ref())?;
     if !outcome.finished {
         return Err(VigilError::Interrupted(format!(
@@ -684,7 +688,11 @@ impl TrainTask for FlowTask<'_> {
         });
         let flow = self.flow.take().expect("flow present between steps");
         let (latents, log_det) = flow.forward(inputs, weights.as_deref());
-        let loss = nll_loss(&latents, log_det, weights.as_deref());
+        let z_weight = match self.settings.loss {
+            Loss::Official => 1.0,
+            Loss::Anomalib => members.len() as f32,
+        };
+        let loss = nll_loss(&latents, log_det, weights.as_deref(), z_weight);
         let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &flow);
         // PyTorch LinearLR: factor 1 → lr_end_factor over all steps.
@@ -711,6 +719,14 @@ impl TrainTask for FlowTask<'_> {
 impl Detector for UflowDetector {
     fn method(&self) -> &'static str {
         "uflow"
+    }
+
+    fn weights_files(&self) -> Vec<vigil_core::WeightsFile> {
+        match self.features.as_ref().map(|f| &f.extractor) {
+            Some(Extractor::Cnn { backbone, .. }) => backbone.weights_file().cloned().into_iter().collect(),
+            Some(Extractor::MsCait(extractor)) => extractor.weights_files(),
+            None => Vec::new(),
+        }
     }
 
     fn channel_mode(&self) -> ChannelMode {
@@ -780,7 +796,8 @@ impl Detector for UflowDetector {
             shapes: &features.shapes,
             position_weights: position_weights.as_deref(),
         };
-        let (model, losses) = train_flow(&self.settings, &data, ctx)?;
+        let training_set = ctx.checkpoint_dir.as_ref().map(|_| train.fingerprint()).transpose()?;
+        let (model, losses) = train_flow_on(&self.settings, &data, ctx, None, training_set)?;
         self.loss_history = losses;
         self.model = Some(model);
         self.standardizers = standardizers;
@@ -999,15 +1016,5 @@ mod tests {
         let again = reloaded.score(&image, None).unwrap();
         assert_eq!(again.map, out.map);
         assert_eq!(again.log10_nfa, out.log10_nfa);
-
-        // The map choice is a scoring setting: same state, a non-negative map, the same NFA.
-        let nll =
-            UflowSettings { anomaly_map: AnomalyMap::NegLogLikelihood, ..detector.settings_struct().clone() };
-        let nll =
-            UflowDetector::load(&serde_json::to_value(&nll).unwrap(), &detector.state().unwrap()).unwrap();
-        let other = nll.score(&image, None).unwrap();
-        assert!(other.map.data.iter().all(|&v| v.is_finite() && v >= 0.0));
-        assert_ne!(other.map, out.map);
-        assert_eq!(other.log10_nfa, out.log10_nfa);
     }
 }

@@ -426,8 +426,14 @@ impl UFlow {
 
 /// Negative log-likelihood per batch, constant dropped: mean_b [Σ_l ½‖z_l‖² − log|det J|] (the
 /// official code's loss). With `weights` (one [B, 1, H, W] per scale, as given to
-/// [`UFlow::forward_weighted`]), each position's ½‖z‖² counts times its weight.
-pub fn nll_loss(latents: &[Tensor<4>], log_det: Tensor<1>, weights: Option<&[Tensor<4>]>) -> Tensor<1> {
+/// [`UFlow::forward_weighted`]), each position's ½‖z‖² counts times its weight; `z_weight`
+/// multiplies the whole z term (1 in the official loss).
+pub fn nll_loss(
+    latents: &[Tensor<4>],
+    log_det: Tensor<1>,
+    weights: Option<&[Tensor<4>]>,
+    z_weight: f32,
+) -> Tensor<1> {
     let batch = log_det.dims()[0];
     let mut per_sample = log_det.neg();
     for (l, z) in latents.iter().enumerate() {
@@ -436,7 +442,7 @@ pub fn nll_loss(latents: &[Tensor<4>], log_det: Tensor<1>, weights: Option<&[Ten
             None => z.clone().square().reshape([batch, c * h * w]),
             Some(weights) => z.clone().square().sum_dim(1).mul(weights[l].clone()).reshape([batch, h * w]),
         };
-        per_sample = per_sample.add(squares.sum_dim(1).reshape([batch]).mul_scalar(0.5));
+        per_sample = per_sample.add(squares.sum_dim(1).reshape([batch]).mul_scalar(0.5 * z_weight));
     }
     per_sample.mean()
 }
@@ -615,7 +621,7 @@ mod tests {
         };
         let loss = |w: Option<&[Tensor<4>]>| {
             let (z, ld) = flow.forward_weighted(inputs(), w);
-            to_vec(nll_loss(&z, ld, w))[0]
+            to_vec(nll_loss(&z, ld, w, 1.0))[0]
         };
         let plain = loss(None);
         let all = loss(Some(&weights([1.0; 4], 1.0)));
@@ -628,13 +634,18 @@ mod tests {
         // A latent at a position of weight 0 does not enter the loss.
         let (z, ld) = flow.forward_weighted(inputs(), None);
         let w = weights([1.0, 1.0, 1.0, 0.0], 1.0);
-        let before = to_vec(nll_loss(&z, ld.clone(), Some(&w)))[0];
+        let before = to_vec(nll_loss(&z, ld.clone(), Some(&w), 1.0))[0];
         let mut fine = tensor_vec(z[0].clone());
         for c in 0..3 {
             fine[c * 4 + 3] = 1e3;
         }
         let changed = vec![Tensor::from_data(TensorData::new(fine, [2, 3, 2, 2]), &device()), z[1].clone()];
-        assert_eq!(to_vec(nll_loss(&changed, ld, Some(&w)))[0], before);
+        assert_eq!(to_vec(nll_loss(&changed, ld, Some(&w), 1.0))[0], before);
+        // z_weight scales the z term alone.
+        let no_det = Tensor::<1>::zeros([2], &device());
+        let once = to_vec(nll_loss(&z, no_det.clone(), None, 1.0))[0];
+        let eight = to_vec(nll_loss(&z, no_det, None, 8.0))[0];
+        assert!((eight - 8.0 * once).abs() < 1e-4 * eight.abs(), "{eight} vs 8 × {once}");
     }
 
     #[test]

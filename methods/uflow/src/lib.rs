@@ -14,5 +14,5 @@ pub mod feature_norm;
 pub mod flow;
 
 pub use detector::{
-    AnomalyMap, FeatureNorm, MsCaitWeights, ScoreTiming, Segmentation, UflowDetector, UflowSettings,
+    FeatureNorm, Loss, MsCaitWeights, ScoreTiming, Segmentation, UflowDetector, UflowSettings,
 };
