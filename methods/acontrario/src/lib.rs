@@ -1,4 +1,4 @@
-//! A contrario multi-scale detector (Patch-PCA / Gabor features, Mahalanobis, NFA).
+//! A contrario multi-scale detector (Patch-PCA / Gabor / CNN features, Mahalanobis, NFA).
 //!
 //! Tailanian's thesis, chapter 3: an image pyramid; per scale and colour channel, features from
 //! patch PCA or a Gabor bank; the diagonal Mahalanobis distance of each pixel's features to their
@@ -6,23 +6,41 @@
 //! or per window (BlockNFA); the minimum over channels, then over scales after up-sampling.
 //! The map is −log10 NFA, so the a contrario threshold NFA = 1 sits at 0.
 //!
+//! [`Feature::Cnn`] is the thesis' third feature and the one the author's code implements
+//! (see [`cnn`]): pretrained CNN features at stride 4, decorrelated by PCA, one χ²(1) distance map
+//! per component up-sampled to the network input, then [`NfaVariant::Region`] (4-connected regions
+//! tested as a whole, minimum over components) or [`NfaVariant::Pixel`] (the χ²(m) distance of all
+//! components per feature cell).
+//!
+//! With an ignore mask (the "before" mode) ignored pixels are left out of the statistics, never
+//! join a region or a BlockNFA count, and get the largest log10 NFA of the image, so they neither
+//! appear in the map nor decide the image score.
+//!
 //! The thesis estimates the statistics on the image under test ([`Statistics::TestImage`]:
 //! nothing to learn). [`Statistics::Training`] estimates the same statistics on normal training
 //! images instead, for objects whose normality is not a self-similar texture.
 
+pub mod cnn;
 pub mod fft;
 pub mod gabor;
 pub mod pca;
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use vigil_backbones::{Backbone, BackboneKind};
 use vigil_core::{
     ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput, TensorBag,
     ThresholdKind, VigilError,
 };
 use vigil_nfa::block::BlockTest;
+pub use vigil_nfa::region::Growing;
+use vigil_nfa::region::RegionTest;
 use vigil_nfa::tails::log10_chi2_sf;
 
+use crate::cnn::{FeatureGrid, FeatureMoments, FeaturePca};
 use crate::fft::{KernelSpectra, PaddedPlane};
 use crate::pca::{PatchMoments, PatchPca};
 
@@ -37,6 +55,8 @@ pub enum Feature {
     Pca,
     /// A fixed Gabor bank (responses correlated, but treated as independent as in the thesis).
     Gabor,
+    /// Pretrained CNN features at stride 4, decorrelated by PCA (the author's code; see [`cnn`]).
+    Cnn,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +75,8 @@ pub enum NfaVariant {
     Pixel,
     /// Concentrations of pixels with P[χ²(m) > d²] < p in w×w windows (binomial tail).
     Block,
+    /// 4-connected regions of one component's χ²(1) distances, tested as a whole (CNN features only).
+    Region,
 }
 
 /// Every parameter of the method; the defaults are the thesis's (Sec. 3.4, L731).
@@ -82,6 +104,25 @@ pub struct AcontrarioSettings {
     /// them without counting them, so its NFA bound holds per channel and scale; with this on,
     /// the expected number of false detections per image is bounded as a whole.
     pub count_channels_and_scales: bool,
+    /// CNN features: the backbone.
+    pub backbone: BackboneKind,
+    /// CNN features: its weights file; `None`: the shipped weights (`vigil_backbones::default_weights_path`).
+    pub weights: Option<PathBuf>,
+    /// CNN features: seeded random weights instead (tests); overrides `weights`.
+    pub random_weights_seed: Option<u64>,
+    /// CNN features: layers to tap, concatenated; empty: [`cnn::default_layers`] of the backbone.
+    pub layers: Vec<String>,
+    /// CNN features: the side of the square network input (the reference's 256); 0 keeps the
+    /// image's own size.
+    pub cnn_input: usize,
+    /// CNN features: PCA components kept (the reference's 35).
+    pub cnn_components: usize,
+    /// RegionNFA: pixels with a χ²(1) distance below this never join a region (the reference's 0.5).
+    pub region_threshold: f64,
+    /// RegionNFA: how regions grow (the reference's flood fill or the thesis' NFA-lowering rule).
+    pub growing: Growing,
+    /// RegionNFA: the receptive-field factor s̃; `None`: 3 × the feature stride (the reference's 12).
+    pub receptive_field: Option<usize>,
 }
 
 impl Default for AcontrarioSettings {
@@ -99,6 +140,15 @@ impl Default for AcontrarioSettings {
             block_stride: 10,
             block_p: 0.01,
             count_channels_and_scales: false,
+            backbone: BackboneKind::MobileNetV2,
+            weights: None,
+            random_weights_seed: None,
+            layers: Vec::new(),
+            cnn_input: 256,
+            cnn_components: 35,
+            region_threshold: 0.5,
+            growing: Growing::Reference,
+            receptive_field: None,
         }
     }
 }
@@ -133,6 +183,32 @@ impl AcontrarioSettings {
         if !(self.block_p > 0.0 && self.block_p < 1.0) {
             return bad(format!("block_p must lie in (0, 1), got {}", self.block_p));
         }
+        match (self.feature, self.nfa) {
+            (Feature::Cnn, NfaVariant::Block) => {
+                return bad("CNN features take nfa=pixel or nfa=region".into())
+            }
+            (Feature::Pca | Feature::Gabor, NfaVariant::Region) => {
+                return bad(
+                    "nfa=region needs feature=cnn (the thesis defines RegionNFA on CNN features)".into()
+                )
+            }
+            _ => {}
+        }
+        if self.cnn_components == 0 {
+            return bad("cnn_components must be at least 1".into());
+        }
+        if self.feature == Feature::Cnn && self.cnn_input != 0 && self.cnn_input < 32 {
+            return bad(format!(
+                "cnn_input must be 0 (the image's size) or at least 32, got {}",
+                self.cnn_input
+            ));
+        }
+        if !(self.region_threshold > 0.0 && self.region_threshold.is_finite()) {
+            return bad(format!("region_threshold must be positive, got {}", self.region_threshold));
+        }
+        if self.receptive_field == Some(0) {
+            return bad("receptive_field must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -141,6 +217,16 @@ impl AcontrarioSettings {
         match self.feature {
             Feature::Pca => self.components,
             Feature::Gabor => self.gabor_sizes.len() * self.gabor_orientations * 2,
+            Feature::Cnn => self.cnn_components,
+        }
+    }
+
+    /// The CNN layers to tap: `layers`, or the backbone's defaults.
+    pub fn cnn_layers(&self) -> Vec<String> {
+        if self.layers.is_empty() {
+            cnn::default_layers(self.backbone)
+        } else {
+            self.layers.clone()
         }
     }
 
@@ -153,6 +239,7 @@ impl AcontrarioSettings {
                 let n = self.gabor_sizes.len();
                 (self.gabor_sizes.iter().sum::<usize>() + n / 2) / n
             }
+            Feature::Cnn => self.receptive_field.unwrap_or(12),
         }
     }
 }
@@ -179,21 +266,41 @@ struct Level {
     ignore: Option<Vec<bool>>,
 }
 
+/// The CNN backbone, opened on first use so that building a detector from settings cannot fail.
+#[derive(Clone, Default)]
+struct LazyBackbone(OnceLock<Backbone>);
+
+impl std::fmt::Debug for LazyBackbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "backbone (open)" } else { "backbone (not opened)" })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AcontrarioDetector {
     settings: AcontrarioSettings,
     gabor_radius: usize,
     gabor_bank: Vec<Vec<f64>>,
     trained: Option<TrainedModel>,
+    /// CNN features with training statistics: the PCA learned by `fit`.
+    cnn_trained: Option<FeaturePca>,
+    backbone: LazyBackbone,
 }
 
 impl AcontrarioDetector {
     pub fn new(settings: AcontrarioSettings) -> Self {
         let (gabor_radius, gabor_bank) = match settings.feature {
             Feature::Gabor => gabor::bank(&settings.gabor_sizes, settings.gabor_orientations),
-            Feature::Pca => (0, Vec::new()),
+            Feature::Pca | Feature::Cnn => (0, Vec::new()),
         };
-        AcontrarioDetector { settings, gabor_radius, gabor_bank, trained: None }
+        AcontrarioDetector {
+            settings,
+            gabor_radius,
+            gabor_bank,
+            trained: None,
+            cnn_trained: None,
+            backbone: LazyBackbone::default(),
+        }
     }
 
     /// Rebuilds a detector from [`Detector::settings`] and [`Detector::state`].
@@ -202,10 +309,102 @@ impl AcontrarioDetector {
             .map_err(|e| VigilError::Config(format!("acontrario settings: {e}")))?;
         settings.validate()?;
         let mut detector = AcontrarioDetector::new(settings);
-        if detector.settings.statistics == Statistics::Training {
-            detector.trained = Some(detector.decode_state(state)?);
+        match (detector.settings.statistics, detector.settings.feature) {
+            (Statistics::TestImage, _) => {}
+            (Statistics::Training, Feature::Cnn) => detector.cnn_trained = Some(decode_cnn_state(state)?),
+            (Statistics::Training, _) => detector.trained = Some(detector.decode_state(state)?),
         }
         Ok(detector)
+    }
+
+    fn backbone(&self) -> Result<&Backbone> {
+        if let Some(backbone) = self.backbone.0.get() {
+            return Ok(backbone);
+        }
+        let s = &self.settings;
+        let backbone = Backbone::open(s.backbone, s.weights.as_deref(), s.random_weights_seed)?;
+        Ok(self.backbone.0.get_or_init(|| backbone))
+    }
+
+    /// The network input size for an image: `cnn_input` square, or the image's own size.
+    fn cnn_input_size(&self, image: &Image) -> (usize, usize) {
+        match self.settings.cnn_input {
+            0 => (image.width, image.height),
+            side => (side, side),
+        }
+    }
+
+    fn cnn_features(&self, image: &Image, ignore: Option<&Mask>) -> Result<FeatureGrid> {
+        cnn::extract(self.backbone()?, &self.settings.cnn_layers(), image, self.cnn_input_size(image), ignore)
+    }
+
+    /// log10 NFA at the image's size from CNN features (Pixel or Region NFA).
+    fn cnn_log10_nfa(&self, image: &Image, ignore: Option<&Mask>) -> Result<Map> {
+        let grid = self.cnn_features(image, ignore)?;
+        let own;
+        let pca = match (self.settings.statistics, &self.cnn_trained) {
+            (Statistics::Training, Some(pca)) => pca,
+            (Statistics::Training, None) => {
+                return Err(VigilError::Model(
+                    "acontrario with training statistics must be fitted (or loaded) before scoring".into(),
+                ))
+            }
+            (Statistics::TestImage, _) => {
+                let mut moments = FeatureMoments::new(grid.channels);
+                moments.add(&grid)?;
+                own = moments.pca(self.settings.cnn_components)?;
+                &own
+            }
+        };
+        let distances = pca.distances(&grid)?;
+        let (gw, gh) = (grid.width, grid.height);
+        let ignored = |p: usize| grid.ignore.as_ref().is_some_and(|m| m[p]);
+        match self.settings.nfa {
+            NfaVariant::Pixel => {
+                // one χ²(m) test per feature cell: the cells, not the up-sampled pixels, are the tests
+                let dof = distances.len() as f64;
+                let tests = ((gw * gh) as f64).log10();
+                let values = (0..gw * gh)
+                    .map(|p| {
+                        let log10_pfa = if ignored(p) {
+                            0.0
+                        } else {
+                            log10_chi2_sf(distances.iter().map(|d| d[p]).sum(), dof)
+                        };
+                        (tests + log10_pfa) as f32
+                    })
+                    .collect();
+                Ok(Map::new(gw, gh, values)?.resize_bilinear(image.width, image.height))
+            }
+            NfaVariant::Region => {
+                let (w, h) = self.cnn_input_size(image);
+                let test = RegionTest {
+                    threshold: self.settings.region_threshold,
+                    receptive_field: self.settings.receptive_field.unwrap_or(3 * grid.stride) as f64,
+                    growing: self.settings.growing,
+                };
+                let excluded = ignore.map(|m| m.resize_nearest(w, h).data);
+                let per_component = distances
+                    .par_iter()
+                    .map(|d| {
+                        let up = cnn::resize_bicubic_aligned(d, gw, gh, w, h);
+                        test.region_map(&up, w, h, excluded.as_deref())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mut combined = vec![f64::INFINITY; w * h];
+                for map in &per_component {
+                    combined.iter_mut().zip(map).for_each(|(a, b)| *a = a.min(*b));
+                }
+                // pixels in no region of any component get the largest log NFA seen, and at least
+                // 0, as the reference's max over its zero-initialised map
+                let fill = combined.iter().filter(|v| v.is_finite()).fold(0f64, |a, &b| a.max(b));
+                let values = combined.iter().map(|&v| if v.is_finite() { v } else { fill } as f32).collect();
+                Ok(Map::new(w, h, values)?.resize_nearest(image.width, image.height))
+            }
+            NfaVariant::Block => {
+                Err(VigilError::Config("acontrario: CNN features take nfa=pixel or nfa=region".into()))
+            }
+        }
     }
 
     fn decode_state(&self, state: &TensorBag) -> Result<TrainedModel> {
@@ -235,6 +434,9 @@ impl AcontrarioDetector {
             for c in 0..channels {
                 let key = format!("level{level}.channel{c}");
                 per_channel.push(match self.settings.feature {
+                    Feature::Cnn => {
+                        return Err(VigilError::Model("acontrario state: CNN models have no pyramid".into()))
+                    }
                     Feature::Pca => {
                         let basis = checked(format!("{key}.basis"), m * n)?;
                         ChannelModel::Pca(PatchPca {
@@ -385,7 +587,7 @@ impl AcontrarioDetector {
 
     fn accumulator(&self) -> Accumulator {
         match self.settings.feature {
-            Feature::Pca => Accumulator::Pca(PatchMoments::new(self.settings.patch_size)),
+            Feature::Pca | Feature::Cnn => Accumulator::Pca(PatchMoments::new(self.settings.patch_size)),
             Feature::Gabor => Accumulator::Gabor { count: 0.0, sums: vec![[0.0; 2]; self.gabor_bank.len()] },
         }
     }
@@ -402,11 +604,20 @@ impl AcontrarioDetector {
         let (w, h) = (level.width, level.height);
         let d2 = self.distance(&level.planes[channel], w, h, model, gabor);
         let dof = self.settings.dof() as f64;
-        let log10_pfa: Vec<f64> = d2.iter().map(|&d| log10_chi2_sf(d, dof)).collect();
+        // ignored pixels (before mode) have probability 1: never a detection, never a BlockNFA candidate
+        let ignored = |i: usize| level.ignore.as_ref().is_some_and(|m| m[i]);
+        let log10_pfa: Vec<f64> = d2
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| if ignored(i) { 0.0 } else { log10_chi2_sf(d, dof) })
+            .collect();
         let mut nfa = match self.settings.nfa {
             NfaVariant::Pixel => {
                 let tests = ((w * h) as f64).log10();
                 log10_pfa.iter().map(|p| tests + p).collect()
+            }
+            NfaVariant::Region => {
+                return Err(VigilError::Config("acontrario: nfa=region needs feature=cnn".into()))
             }
             NfaVariant::Block => BlockTest {
                 window: self.settings.block_window,
@@ -419,6 +630,115 @@ impl AcontrarioDetector {
         nfa.iter_mut().for_each(|v| *v += extra_tests);
         Ok(nfa)
     }
+
+    /// log10 NFA at the image's size from the pyramid features (Patch-PCA or Gabor).
+    fn pyramid_log10_nfa(&self, image: &Image, ignore: Option<&Mask>) -> Result<Map> {
+        let trained = match (self.settings.statistics, &self.trained) {
+            (Statistics::TestImage, _) => None,
+            (Statistics::Training, Some(t)) => {
+                if t.channels != image.channels {
+                    return Err(VigilError::invalid(format!(
+                        "image has {} channels, the model was trained on {}",
+                        image.channels, t.channels
+                    )));
+                }
+                Some(t)
+            }
+            (Statistics::Training, None) => {
+                return Err(VigilError::Model(
+                    "acontrario with training statistics must be fitted (or loaded) before scoring".into(),
+                ))
+            }
+        };
+        let mut levels = self.pyramid(image, ignore);
+        if let Some(t) = trained {
+            levels.truncate(t.models.len());
+        }
+        let extra_tests = if self.settings.count_channels_and_scales {
+            ((image.channels * levels.len()) as f64).log10()
+        } else {
+            0.0
+        };
+        let gabor = self.gabor_spectra(&levels);
+        let tasks: Vec<(usize, usize)> =
+            (0..levels.len()).flat_map(|l| (0..image.channels).map(move |c| (l, c))).collect();
+        let per_task = tasks
+            .par_iter()
+            .map(|&(l, c)| {
+                let level = &levels[l];
+                let own;
+                let model = match trained {
+                    Some(t) => &t.models[l][c],
+                    None => {
+                        own = self.own_statistics(level, c, gabor[l].as_ref())?;
+                        &own
+                    }
+                };
+                self.channel_log10_nfa(level, c, model, gabor[l].as_ref(), extra_tests)
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let mut combined = vec![f32::INFINITY; image.width * image.height];
+        for (l, level) in levels.iter().enumerate() {
+            let mut per_level = vec![f64::INFINITY; level.width * level.height];
+            for (task, nfa) in tasks.iter().zip(&per_task) {
+                if task.0 == l {
+                    per_level.iter_mut().zip(nfa).for_each(|(a, b)| *a = a.min(*b));
+                }
+            }
+            let map = Map::new(level.width, level.height, per_level.iter().map(|&v| v as f32).collect())?
+                .resize_bilinear(image.width, image.height);
+            combined.iter_mut().zip(&map.data).for_each(|(a, b)| *a = a.min(*b));
+        }
+        Map::new(image.width, image.height, combined)
+    }
+
+    /// Training statistics of CNN features: the PCA of every training cell outside the ignore mask.
+    fn fit_cnn(&mut self, train: &dyn ImageSource, ctx: &FitContext) -> Result<()> {
+        let bar = ctx.show_progress.then(|| vigil_core::progress::bar(train.len() as u64, "acontrario"));
+        let mut moments: Option<FeatureMoments> = None;
+        for index in 0..train.len() {
+            let in_file = |e: VigilError| VigilError::file(train.name(index), e.to_string());
+            let image = train.load(index)?;
+            let ignore = train.ignore_mask(index);
+            self.check_image(&image, ignore.as_ref()).map_err(in_file)?;
+            let grid = self.cnn_features(&image, ignore.as_ref()).map_err(in_file)?;
+            moments.get_or_insert_with(|| FeatureMoments::new(grid.channels)).add(&grid).map_err(in_file)?;
+            if let Some(bar) = &bar {
+                bar.inc(1);
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        let moments = moments.expect("the training set is not empty");
+        self.cnn_trained = Some(moments.pca(self.settings.cnn_components)?);
+        Ok(())
+    }
+}
+
+/// Gives ignored pixels the largest log10 NFA of the image (at least 0): they are never a detection
+/// and never the image score.
+fn silence_ignored(log10_nfa: &mut Map, ignore: Option<&Mask>) {
+    let Some(mask) = ignore else {
+        return;
+    };
+    let top = log10_nfa.data.iter().zip(&mask.data).filter(|(_, &i)| !i).fold(0f32, |a, (&v, _)| a.max(v));
+    log10_nfa.data.iter_mut().zip(&mask.data).filter(|(_, &i)| i).for_each(|(v, _)| *v = top);
+}
+
+fn decode_cnn_state(state: &TensorBag) -> Result<FeaturePca> {
+    let mean = state.f64("cnn.mean")?;
+    let variances = state.f64("cnn.variances")?;
+    let basis = state.f64("cnn.basis")?;
+    let (c, m) = (mean.len(), variances.len());
+    if c == 0 || m == 0 || basis.len() != m * c {
+        return Err(VigilError::Model(format!(
+            "acontrario state: CNN PCA of {m} components on {c} channels holds {} basis values",
+            basis.len()
+        )));
+    }
+    Ok(FeaturePca { mean, basis: basis.chunks(c).map(|r| r.to_vec()).collect(), variances })
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -427,7 +747,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// 1/σ², with a floor on σ² so that a flat channel (zero variance, features equal to their mean
 /// up to rounding) gives distance ≈ 0 instead of 0/0.
-fn inverse_variances(variances: &[f64]) -> Vec<f64> {
+pub(crate) fn inverse_variances(variances: &[f64]) -> Vec<f64> {
     let largest = variances.iter().copied().fold(0.0, f64::max);
     let floor = (1e-10 * largest).max(1e-14);
     variances.iter().map(|&v| 1.0 / v.max(floor)).collect()
@@ -508,6 +828,9 @@ impl Detector for AcontrarioDetector {
         if train.is_empty() {
             return Err(VigilError::invalid("acontrario training statistics need at least one image"));
         }
+        if self.settings.feature == Feature::Cnn {
+            return self.fit_cnn(train, ctx);
+        }
         let bar = ctx.show_progress.then(|| vigil_core::progress::bar(train.len() as u64, "acontrario"));
         let mut channels = None;
         // accumulators[level][channel]; a level is kept only if every training image reaches it
@@ -563,65 +886,12 @@ impl Detector for AcontrarioDetector {
     fn score(&self, image: &Image, ignore: Option<&Mask>) -> Result<ScoreOutput> {
         self.settings.validate()?;
         self.check_image(image, ignore)?;
-        let trained = match (self.settings.statistics, &self.trained) {
-            (Statistics::TestImage, _) => None,
-            (Statistics::Training, Some(t)) => {
-                if t.channels != image.channels {
-                    return Err(VigilError::invalid(format!(
-                        "image has {} channels, the model was trained on {}",
-                        image.channels, t.channels
-                    )));
-                }
-                Some(t)
-            }
-            (Statistics::Training, None) => {
-                return Err(VigilError::Model(
-                    "acontrario with training statistics must be fitted (or loaded) before scoring".into(),
-                ))
-            }
+        let mut log10_nfa = match self.settings.feature {
+            Feature::Cnn => self.cnn_log10_nfa(image, ignore)?,
+            Feature::Pca | Feature::Gabor => self.pyramid_log10_nfa(image, ignore)?,
         };
-        let mut levels = self.pyramid(image, ignore);
-        if let Some(t) = trained {
-            levels.truncate(t.models.len());
-        }
-        let extra_tests = if self.settings.count_channels_and_scales {
-            ((image.channels * levels.len()) as f64).log10()
-        } else {
-            0.0
-        };
-        let gabor = self.gabor_spectra(&levels);
-        let tasks: Vec<(usize, usize)> =
-            (0..levels.len()).flat_map(|l| (0..image.channels).map(move |c| (l, c))).collect();
-        let per_task = tasks
-            .par_iter()
-            .map(|&(l, c)| {
-                let level = &levels[l];
-                let own;
-                let model = match trained {
-                    Some(t) => &t.models[l][c],
-                    None => {
-                        own = self.own_statistics(level, c, gabor[l].as_ref())?;
-                        &own
-                    }
-                };
-                self.channel_log10_nfa(level, c, model, gabor[l].as_ref(), extra_tests)
-            })
-            .collect::<Result<Vec<_>>>()?;
-
-        let mut combined = vec![f32::INFINITY; image.width * image.height];
-        for (l, level) in levels.iter().enumerate() {
-            let mut per_level = vec![f64::INFINITY; level.width * level.height];
-            for (task, nfa) in tasks.iter().zip(&per_task) {
-                if task.0 == l {
-                    per_level.iter_mut().zip(nfa).for_each(|(a, b)| *a = a.min(*b));
-                }
-            }
-            let map = Map::new(level.width, level.height, per_level.iter().map(|&v| v as f32).collect())?
-                .resize_bilinear(image.width, image.height);
-            combined.iter_mut().zip(&map.data).for_each(|(a, b)| *a = a.min(*b));
-        }
-        let log10_nfa = Map::new(image.width, image.height, combined)?;
         log10_nfa.check_finite("acontrario log10 NFA")?;
+        silence_ignored(&mut log10_nfa, ignore);
         let map = Map::new(image.width, image.height, log10_nfa.data.iter().map(|v| -v).collect())?;
         let image_score = Some(map.max());
         Ok(ScoreOutput { map, image_score, log10_nfa: Some(log10_nfa) })
@@ -633,6 +903,12 @@ impl Detector for AcontrarioDetector {
 
     fn state(&self) -> Result<TensorBag> {
         let mut bag = TensorBag::new();
+        if let Some(pca) = &self.cnn_trained {
+            let basis: Vec<f64> = pca.basis.iter().flatten().copied().collect();
+            bag.put_f64("cnn.mean", &[pca.mean.len()], pca.mean.clone());
+            bag.put_f64("cnn.basis", &[pca.basis.len(), pca.mean.len()], basis);
+            bag.put_f64("cnn.variances", &[pca.variances.len()], pca.variances.clone());
+        }
         let Some(trained) = &self.trained else {
             return Ok(bag);
         };
@@ -683,6 +959,7 @@ impl Detector for AcontrarioDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vigil_core::InMemorySource;
 
     #[test]
     fn defaults_are_the_thesis_parameters() {
@@ -699,6 +976,106 @@ mod tests {
         assert_eq!(json["feature"], "gabor");
         assert_eq!(json["statistics"], "test-image");
         assert_eq!(serde_json::from_value::<AcontrarioSettings>(json).unwrap(), gabor);
+    }
+
+    /// A 96x96 noise texture with an optional dark 10x10 spot at (x0, y0).
+    fn textured(seed: u64, spot: Option<(usize, usize)>) -> Image {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut data: Vec<f32> = (0..3 * 96 * 96)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                0.5 + 0.08 * (((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5)
+            })
+            .collect();
+        if let Some((x0, y0)) = spot {
+            for c in 0..3 {
+                for y in y0..y0 + 10 {
+                    for x in x0..x0 + 10 {
+                        data[c * 96 * 96 + y * 96 + x] = 0.1;
+                    }
+                }
+            }
+        }
+        Image::new(96, 96, 3, data).unwrap()
+    }
+
+    fn cnn(nfa: NfaVariant, growing: Growing, statistics: Statistics) -> AcontrarioDetector {
+        AcontrarioDetector::new(AcontrarioSettings {
+            feature: Feature::Cnn,
+            nfa,
+            growing,
+            statistics,
+            random_weights_seed: Some(1),
+            cnn_input: 96,
+            ..AcontrarioSettings::default()
+        })
+    }
+
+    #[test]
+    fn cnn_region_nfa_finds_a_spot_and_ignores_it_when_masked() {
+        let det = cnn(NfaVariant::Region, Growing::Thesis, Statistics::TestImage);
+        let image = textured(1, Some((60, 30)));
+        let out = det.score(&image, None).unwrap();
+        let nfa = out.log10_nfa.unwrap();
+        assert!(nfa.get(35, 65) < 0.0, "the spot is detected: {}", nfa.get(35, 65));
+        let (y, x) = (0..96 * 96)
+            .map(|i| (i / 96, i % 96))
+            .min_by(|a, b| nfa.get(a.0, a.1).total_cmp(&nfa.get(b.0, b.1)))
+            .unwrap();
+        assert!(
+            (20..50).contains(&y) && (50..80).contains(&x),
+            "the strongest detection is at the spot: ({x}, {y})"
+        );
+        // before mode: the spot's area is out of the statistics, the regions and the image score
+        let mut ignore = Mask::empty(96, 96);
+        for y in 20..50 {
+            for x in 50..80 {
+                ignore.data[y * 96 + x] = true;
+            }
+        }
+        let masked = det.score(&image, Some(&ignore)).unwrap();
+        let masked_nfa = masked.log10_nfa.unwrap();
+        assert!(masked_nfa.get(35, 65) >= 0.0);
+        assert!(masked.image_score.unwrap() < out.image_score.unwrap());
+        assert!(ignore
+            .data
+            .iter()
+            .zip(&masked.map.data)
+            .filter(|(i, _)| **i)
+            .all(|(_, v)| *v <= masked.map.max()));
+    }
+
+    #[test]
+    fn cnn_training_statistics_round_trip_through_the_state() {
+        for nfa in [NfaVariant::Pixel, NfaVariant::Region] {
+            let mut det = cnn(nfa, Growing::Reference, Statistics::Training);
+            let train = InMemorySource::new((0..4).map(|i| textured(10 + i, None)).collect());
+            det.fit(&train, &FitContext::default()).unwrap();
+            let image = textured(3, Some((20, 50)));
+            let first = det.score(&image, None).unwrap();
+            let loaded = AcontrarioDetector::load(&det.settings(), &det.state().unwrap()).unwrap();
+            let second = loaded.score(&image, None).unwrap();
+            assert_eq!(first.map.data, second.map.data, "{nfa:?}");
+            assert!(first.log10_nfa.unwrap().get(55, 25) < 0.0, "{nfa:?}: the spot is detected");
+        }
+        let unfitted = cnn(NfaVariant::Pixel, Growing::Reference, Statistics::Training);
+        assert!(unfitted.score(&textured(1, None), None).is_err());
+    }
+
+    #[test]
+    fn region_nfa_needs_cnn_features() {
+        let bad = AcontrarioSettings { nfa: NfaVariant::Region, ..AcontrarioSettings::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("feature=cnn"));
+        let bad = AcontrarioSettings {
+            feature: Feature::Cnn,
+            nfa: NfaVariant::Block,
+            ..AcontrarioSettings::default()
+        };
+        assert!(bad.validate().is_err());
+        let json = serde_json::json!({"feature": "cnn", "nfa": "region", "growing": "thesis"});
+        let s: AcontrarioSettings = serde_json::from_value(json).unwrap();
+        assert_eq!((s.cnn_components, s.cnn_input, s.region_threshold), (35, 256, 0.5));
+        s.validate().unwrap();
     }
 
     #[test]

@@ -108,6 +108,7 @@ fn a_planted_disc_is_found_where_it_is_and_little_else() {
         let (support, tolerance) = match feature {
             Feature::Pca => (8, 0.002),
             Feature::Gabor => (15, 0.03),
+            Feature::Cnn => unreachable!("this loop covers the pyramid features"),
         };
         for (variant, r, scales, reach) in [
             (NfaVariant::Pixel, 6, 2, 6 + 2 * (support + 1) + 2),

@@ -1,0 +1,23 @@
+//! `--ignore-mode before` and `after` for the a contrario detector on the built binary (issue 10
+//! item 2): Patch-PCA with training statistics, Patch-PCA with test-image statistics, and CNN features
+//! with RegionNFA (random MobileNetV2 weights, no download needed). The decision is the method's own
+//! NFA threshold (log10 NFA <= 0).
+
+mod ignore_support;
+
+#[test]
+fn patch_pca_training_statistics() {
+    ignore_support::check_both_modes("acontrario:statistics=training,scales=2,patch_size=7,components=8");
+}
+
+#[test]
+fn patch_pca_test_image_statistics() {
+    ignore_support::check_both_modes("acontrario:statistics=test-image,scales=2,patch_size=7,components=8");
+}
+
+#[test]
+fn cnn_region_nfa() {
+    ignore_support::check_both_modes(
+        "acontrario:feature=cnn,nfa=region,statistics=training,random_weights_seed=1,cnn_input=128",
+    );
+}
