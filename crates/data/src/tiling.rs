@@ -342,7 +342,9 @@ fn seam_lines(origins: &[usize], tile: usize, len: usize) -> (Vec<usize>, Vec<us
     (borders, band, centres)
 }
 
-/// The seam measure of a whole-image map stitched on `grid`.
+/// The seam measure of a whole-image map stitched on `grid`. A class of lines that does not occur
+/// gives NaN: the band without an overlap, the centres when the overlap is half a tile (every
+/// centre line is then a border).
 pub fn seam_measure(map: &Map, grid: &TileGrid) -> Result<SeamMeasure> {
     if (map.width, map.height) != grid.image_size() {
         return Err(VigilError::invalid(format!(
