@@ -6,33 +6,26 @@
 //! cargo run --release -p vigil-bench --example memory_bank_quality -- [--method patchcore|padim]
 //!     [--settings JSON]      e.g. --settings '{"map_upsampling":"nearest"}'
 
-use vigil_bench::{arg, load_rgb, piped_root};
-use vigil_core::{Detector, FitContext, InMemorySource, Result, VigilError};
+use vigil_bench::{arg, piped_root};
+use vigil_core::VigilError;
 use vigil_data::dataset::Dataset;
-use vigil_data::io::load_mask;
-use vigil_metrics::{aupro, roc_auc};
-use vigil_padim::{PadimDetector, PadimSettings};
-use vigil_patchcore::{PatchcoreDetector, PatchcoreSettings};
+use vigil_engine::run::{test_items, ImageFilter};
+use vigil_engine::{evaluate, fit, EvalOptions, FitOptions, MethodSpec, PipelineOptions};
+use vigil_metrics::ThresholdRule;
 
-fn detector(method: &str, settings: &serde_json::Value) -> Result<Box<dyn Detector>> {
-    let bad = |e: serde_json::Error| VigilError::Config(format!("--settings: {e}"));
-    Ok(match method {
-        "patchcore" => Box::new(PatchcoreDetector::new(
-            serde_json::from_value::<PatchcoreSettings>(settings.clone()).map_err(bad)?,
-        )?),
-        "padim" => Box::new(PadimDetector::new(
-            serde_json::from_value::<PadimSettings>(settings.clone()).map_err(bad)?,
-        )?),
-        other => return Err(VigilError::Config(format!("unknown --method {other} (patchcore or padim)"))),
-    })
-}
-
-fn main() -> Result<()> {
+fn main() -> anyhow::Result<()> {
     let method = arg("--method").unwrap_or_else(|| "patchcore".into());
     let settings: serde_json::Value = match arg("--settings") {
         Some(s) => serde_json::from_str(&s).map_err(|e| VigilError::Config(format!("--settings: {e}")))?,
         None => serde_json::json!({}),
     };
+    if !matches!(method.as_str(), "patchcore" | "padim") {
+        anyhow::bail!("unknown --method {method} (patchcore or padim)");
+    }
+    // The settings given override the method's defaults, key by key.
+    let params: Vec<String> =
+        settings.as_object().map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
+    let spec = MethodSpec::parse(&method, &params)?;
     let root = piped_root();
     let mut classes: Vec<_> = std::fs::read_dir(&root)
         .map_err(|e| VigilError::io(&root, e))?
@@ -47,36 +40,24 @@ fn main() -> Result<()> {
     let mut sums = [0.0; 3];
     for class in &classes {
         let dataset = Dataset::discover(class)?;
-        let train = dataset.train.iter().map(|p| load_rgb(p)).collect::<Result<Vec<_>>>()?;
-        let mut d = detector(&method, &settings)?;
-        d.fit(
-            &InMemorySource::new(train),
-            &FitContext { seed: 0, checkpoint_dir: None, show_progress: false },
+        // Every training image, no hold-out: the threshold is irrelevant to these metrics.
+        let opts = FitOptions {
+            fit_on_all: true,
+            image_threshold: Some(ThresholdRule::Fixed(0.0)),
+            ..Default::default()
+        };
+        let model = fit(&spec, dataset.train.clone(), &PipelineOptions::default(), opts)?;
+        let eval = evaluate(
+            &model,
+            &test_items(&dataset, &ImageFilter::default()),
+            EvalOptions { resize_masks: true, ..Default::default() },
         )?;
-        let (mut image_scores, mut labels, mut maps, mut masks, mut sizes) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for item in &dataset.test {
-            let image = load_rgb(&item.path)?;
-            let scored = d.score(&image, None)?;
-            let size = (image.width, image.height);
-            let mask = match &item.mask {
-                Some(m) => load_mask(m, Some(size), true)?.data,
-                None => vec![false; size.0 * size.1],
-            };
-            image_scores.push(scored.image_score.expect("PatchCore and PaDiM give image scores") as f64);
-            labels.push(item.label);
-            maps.push(scored.map.data);
-            masks.push(mask);
-            sizes.push(size);
-        }
-        let pixel_scores: Vec<f32> = maps.iter().flatten().copied().collect();
-        let pixel_labels: Vec<bool> = masks.iter().flatten().copied().collect();
-        let map_refs: Vec<&[f32]> = maps.iter().map(Vec::as_slice).collect();
-        let mask_refs: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
+        let m = &eval.metrics;
+        let missing = || VigilError::invalid(format!("{}: a metric is undefined", dataset.name));
         let row = [
-            roc_auc(&image_scores, &labels)?,
-            roc_auc(&pixel_scores, &pixel_labels)?,
-            aupro(&map_refs, &mask_refs, &sizes, 0.3)?,
+            m.image_auroc.ok_or_else(missing)?,
+            m.pixel_auroc.ok_or_else(missing)?,
+            m.aupro.ok_or_else(missing)?,
         ];
         sums.iter_mut().zip(&row).for_each(|(s, v)| *s += v);
         println!("| {} | {:.4} | {:.4} | {:.4} |", dataset.name, row[0], row[1], row[2]);

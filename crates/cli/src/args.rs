@@ -20,6 +20,10 @@ pub struct Cli {
     /// Worker threads for parallel work (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Progress on stderr: `bar` (a terminal bar), `plain` (a line every few seconds, for logs and CI),
+    /// `none`, or `auto` (bar on a terminal, plain otherwise; the default).
+    #[arg(long, global = true, default_value = "auto")]
+    pub progress: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -68,10 +72,14 @@ pub struct PipelineArgs {
     /// else max.
     #[arg(long)]
     pub image_score: Option<String>,
-    /// A file that cannot be read stops the run (default); with --skip-bad it is reported and skipped.
+    /// A file that cannot be read stops the run (default); with --skip-bad it is reported, skipped and
+    /// listed in the outputs.
     #[arg(long)]
     #[serde(default)]
     pub skip_bad: bool,
+    /// Only image files whose name matches this pattern (`*` and `?`, e.g. `*.jpg`) are read from folders.
+    #[arg(long)]
+    pub glob: Option<String>,
 }
 
 #[derive(Args, Debug, Default, Serialize, Deserialize)]
@@ -90,6 +98,7 @@ pub struct FitArgs {
     #[serde(default)]
     pub params: Vec<String>,
     /// Normal training images: an MVTec-layout class folder (uses train/good) or a folder of normal images.
+    /// Not needed by a method that learns nothing (acontrario with statistics=test-image).
     #[arg(long)]
     pub train: Option<PathBuf>,
     /// Where to write the model file.
@@ -102,6 +111,11 @@ pub struct FitArgs {
     /// Fraction of the normal training images held out to set the threshold (default 0.2).
     #[arg(long)]
     pub val_fraction: Option<f64>,
+    /// Fit on every training image (no hold-out); thresholds that need normal scores then come from the
+    /// training images' own scores, which are optimistic.
+    #[arg(long)]
+    #[serde(default)]
+    pub fit_on_all: bool,
     /// Image-level threshold: `max`, `quantile:P`, `ksigma:K` (on held-out normal scores), `nfa:K`
     /// (log10 NFA <= -K, for a contrario methods), `fixed:V`, or `f1` (F1-optimal; needs --val-anomalous).
     /// Default: the method's own (NFA) or quantile:0.99.
@@ -167,6 +181,10 @@ pub struct TestArgs {
     #[arg(long)]
     #[serde(default)]
     pub overwrite: bool,
+    /// Score even if the pretrained weights differ from those the model was fitted with (a warning).
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_other_weights: bool,
     /// Also write every anomaly map (float TIFF) and overlay (PNG).
     #[arg(long)]
     #[serde(default)]
@@ -189,16 +207,22 @@ pub struct PredictArgs {
     /// Model file written by `vigil fit`.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Images or folders of images to score.
+    /// Images or folders of images to score (folders are searched recursively; outputs keep each file's
+    /// path relative to its folder).
     #[serde(default)]
     pub inputs: Vec<PathBuf>,
-    /// Output folder: maps/ (float TIFF), overlays/ (PNG), scores.csv, scores.json.
+    /// Output folder: maps/ (float TIFF), overlays/ (PNG), masks/ (predicted regions, PNG), scores.csv,
+    /// scores.json.
     #[arg(long, short)]
     pub out: Option<PathBuf>,
     /// Replace existing outputs in --out.
     #[arg(long)]
     #[serde(default)]
     pub overwrite: bool,
+    /// Score even if the pretrained weights differ from those the model was fitted with (a warning).
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_other_weights: bool,
     /// Map file format: `tiff` (32-bit float) or `png16` (16-bit, scaled between the map's min and max).
     #[arg(long)]
     pub map_format: Option<String>,
@@ -238,6 +262,19 @@ pub struct BenchmarkArgs {
     /// Fraction of train/good held out for thresholds (default 0.2).
     #[arg(long)]
     pub val_fraction: Option<f64>,
+    /// Fit on every training image (see `vigil fit --help`).
+    #[arg(long)]
+    #[serde(default)]
+    pub fit_on_all: bool,
+    /// Image-level threshold for every method, as for `vigil fit` (default: each method's own).
+    #[arg(long)]
+    pub threshold: Option<String>,
+    /// Pixel-level threshold, as for `vigil fit`.
+    #[arg(long)]
+    pub pixel_threshold: Option<String>,
+    /// Keep training checkpoints under this folder, one sub-folder per method and class.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
     #[arg(long)]
     pub seed: Option<u64>,
     #[command(flatten)]
@@ -259,4 +296,7 @@ pub struct DemoArgs {
     /// flag every image.
     #[arg(long, default_value = "max")]
     pub threshold: String,
+    /// Replace the outputs of an earlier demo in --out.
+    #[arg(long)]
+    pub overwrite: bool,
 }

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use vigil_data::dataset::Dataset;
+use vigil_engine::outputs::{prepare_output, write_test_outputs};
+use vigil_engine::{evaluate, fit, training_images, EvalOptions, MethodSpec, Metrics};
 
 use crate::args::BenchmarkArgs;
-use crate::methods::MethodSpec;
-use crate::pipeline::{fit, training_images, FitOptions, Pipeline};
-use crate::test_cmd::{evaluate_fitted, write_outputs, Metrics};
+use crate::options;
 
 const HEADERS: [&str; 16] = [
     "method",
@@ -73,6 +73,14 @@ fn row(method: &str, class: &str, m: &Metrics, threshold: &str, fit_s: f64) -> V
     ]
 }
 
+/// The row of a method and class that failed: the error in place of the metrics.
+fn failed_row(method: &str, class: &str, error: &anyhow::Error) -> Vec<String> {
+    let mut r = vec![method.to_string(), class.to_string()];
+    r.resize(HEADERS.len(), "failed".into());
+    r[7] = format!("failed: {}", format!("{error:#}").replace(['\n', '|'], " "));
+    r
+}
+
 /// Mean of each numeric column over a method's classes ("n/a" entries are left out and flagged).
 fn mean_row(method: &str, rows: &[Vec<String>]) -> Vec<String> {
     let mut out = vec![method.to_string(), "**mean**".to_string()];
@@ -101,32 +109,59 @@ pub fn benchmark_command(args: BenchmarkArgs) -> Result<()> {
         bail!("give at least one --method (see `vigil methods`)");
     }
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/benchmark"));
-    let csv = out.join("benchmark.csv");
-    if csv.exists() && !args.overwrite {
-        bail!("{}: already exists; pass --overwrite to replace it", csv.display());
-    }
     let specs: Vec<MethodSpec> =
         args.methods.iter().map(|m| MethodSpec::parse(m, &[])).collect::<Result<_>>()?;
     let class_dirs = classes(data, args.classes.as_deref())?;
-    let seed = args.seed.unwrap_or(0);
+    let pipeline = options::pipeline(&args.pipeline)?;
+    let filter = options::filter(&args.pipeline, false);
+    let opts = options::fit(
+        options::FitFlags {
+            val_fraction: args.val_fraction,
+            fit_on_all: args.fit_on_all,
+            threshold: args.threshold.as_deref(),
+            pixel_threshold: args.pixel_threshold.as_deref(),
+            seed: args.seed,
+            checkpoint_dir: None,
+        },
+        Vec::new(),
+    )?;
+    let report_folders: Vec<String> = specs.iter().map(|s| sanitize(&s.label())).collect();
+    let folders: Vec<&str> =
+        if args.reports { report_folders.iter().map(String::as_str).collect() } else { Vec::new() };
+    prepare_output(&out, &["benchmark.csv", "benchmark.md"], &folders, args.overwrite)?;
+    let csv = out.join("benchmark.csv");
     let mut all_rows = Vec::new();
     let mut markdown = String::new();
-    for spec in &specs {
+    let mut failures = 0;
+    for (spec, folder) in specs.iter().zip(&report_folders) {
         let label = spec.label();
         let mut rows = Vec::new();
         for class_dir in &class_dirs {
-            let dataset = Dataset::discover(class_dir)?;
-            let pipeline = Pipeline::from_args(&args.pipeline)?;
-            let opts =
-                FitOptions { val_fraction: args.val_fraction.unwrap_or(0.2), seed, ..Default::default() };
-            let outcome = fit(spec, training_images(class_dir)?, pipeline, opts)?;
-            let (eval, image_t, pixel_t) = evaluate_fitted(&outcome, &dataset.test)?;
-            if args.reports {
-                let dir = out.join(sanitize(&label)).join(&dataset.name);
-                write_outputs(&dir, true, &outcome.model, &dataset.name, &eval, &image_t, &pixel_t, false)?;
-            }
-            let r =
-                row(&label, &dataset.name, &eval.metrics, &short_kind(&image_t.kind), outcome.fit_seconds);
+            let class = class_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let run = || -> Result<Vec<String>> {
+                let dataset = Dataset::discover(class_dir)?;
+                let checkpoint_dir = args.checkpoint_dir.as_ref().map(|d| d.join(folder).join(&class));
+                let opts = vigil_engine::FitOptions { checkpoint_dir, ..opts.clone() };
+                let model = fit(spec, training_images(class_dir, &filter)?, &pipeline, opts)?;
+                let items = vigil_engine::run::test_items(&dataset, &filter);
+                let eval = evaluate(&model, &items, EvalOptions::default())?;
+                if args.reports {
+                    write_test_outputs(
+                        &out.join(folder).join(&dataset.name),
+                        &model,
+                        &dataset.name,
+                        &eval,
+                        false,
+                    )?;
+                }
+                let threshold = vigil_metrics::ThresholdRule::of(&eval.image_threshold).to_string();
+                Ok(row(&label, &dataset.name, &eval.metrics, &threshold, model.fit_seconds()))
+            };
+            let r = run().unwrap_or_else(|e| {
+                eprintln!("error: {label} on {class}: {e:#}; the benchmark goes on");
+                failures += 1;
+                failed_row(&label, &class, &e)
+            });
             println!("{}", r.join(" | "));
             rows.push(r);
         }
@@ -138,37 +173,47 @@ pub fn benchmark_command(args: BenchmarkArgs) -> Result<()> {
         markdown.push_str(&vigil_report::markdown::markdown_table(&HEADERS[1..], &strip_method(&table_rows)));
         markdown.push('\n');
         all_rows.extend(table_rows);
+        // Tables are rewritten after each method, so finished rows survive a later crash.
+        write_tables(&out, data, &args, &all_rows, &markdown)?;
     }
-    std::fs::create_dir_all(&out)?;
-    vigil_report::markdown::write_csv(&csv, &HEADERS, &all_rows)?;
-    let md_path = out.join("benchmark.md");
+    println!("wrote {} and {}", csv.display(), out.join("benchmark.md").display());
+    if failures > 0 {
+        bail!("{failures} method/class run(s) failed (marked 'failed' in the tables)");
+    }
+    Ok(())
+}
+
+fn write_tables(
+    out: &Path,
+    data: &Path,
+    args: &BenchmarkArgs,
+    rows: &[Vec<String>],
+    markdown: &str,
+) -> Result<()> {
+    vigil_report::markdown::write_csv(&out.join("benchmark.csv"), &HEADERS, rows)?;
+    let fit = if args.fit_on_all {
+        "fit on all training images".to_string()
+    } else {
+        format!("validation fraction {}", args.val_fraction.unwrap_or(options::DEFAULT_VAL_FRACTION))
+    };
     let header = format!(
-        "Dataset: {}; seed {seed}; validation fraction {}; vigil {}; threads {}.\n\
+        "Dataset: {}; seed {}; {fit}; vigil {}; threads {}.\n\
          `*` = mean over the classes where the metric exists.\n\n",
         data.display(),
-        args.val_fraction.unwrap_or(0.2),
+        args.seed.unwrap_or(options::DEFAULT_SEED),
         env!("CARGO_PKG_VERSION"),
         rayon::current_num_threads()
     );
-    vigil_core::model_file::write_atomic(&md_path, format!("{header}{markdown}").as_bytes(), true)?;
-    println!("wrote {} and {}", csv.display(), md_path.display());
+    vigil_core::model_file::write_atomic(
+        &out.join("benchmark.md"),
+        format!("{header}{markdown}").as_bytes(),
+        true,
+    )?;
     Ok(())
 }
 
 fn strip_method(rows: &[Vec<String>]) -> Vec<Vec<String>> {
     rows.iter().map(|r| r[1..].to_vec()).collect()
-}
-
-fn short_kind(kind: &vigil_core::ThresholdKind) -> String {
-    use vigil_core::ThresholdKind as K;
-    match kind {
-        K::Max => "max".into(),
-        K::Quantile { p } => format!("quantile:{p}"),
-        K::KSigma { k } => format!("ksigma:{k}"),
-        K::F1Optimal => "f1".into(),
-        K::Nfa { k } => format!("nfa:{k}"),
-        K::Fixed => "fixed".into(),
-    }
 }
 
 fn sanitize(label: &str) -> String {

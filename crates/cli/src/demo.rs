@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use vigil_data::dataset::Dataset;
+use vigil_engine::outputs::{prepare_output, write_test_outputs, TEST_FILES, TEST_FOLDERS};
+use vigil_engine::run::{test_items, ImageFilter};
+use vigil_engine::{evaluate, fit, training_images, EvalOptions, FitOptions, MethodSpec, PipelineOptions};
 
-use crate::args::{DemoArgs, PipelineArgs};
-use crate::methods::MethodSpec;
-use crate::pipeline::{fit, training_images, FitOptions, Pipeline};
-use crate::test_cmd::{evaluate_fitted, print_metrics, write_outputs};
+use crate::args::DemoArgs;
+use crate::test_cmd::print_metrics;
 
 /// The embedded dataset: `data/demo/PA_BDP01_TL` in the repository (override with VIGIL_DEMO_DATA).
 fn demo_data() -> Result<PathBuf> {
@@ -27,21 +28,25 @@ fn demo_data() -> Result<PathBuf> {
     Ok(p.canonicalize().unwrap_or(p))
 }
 
+const MODEL: &str = "model.vigil";
+
 pub fn demo_command(args: DemoArgs) -> Result<()> {
     let data = demo_data()?;
     let spec = MethodSpec::parse(&args.method, &[])?;
+    let image_threshold = Some(crate::options::threshold("threshold", Some(&args.threshold))?).flatten();
+    let files: Vec<&str> = TEST_FILES.iter().copied().chain([MODEL]).collect();
+    prepare_output(&args.out, &files, &TEST_FOLDERS, args.overwrite)?;
     println!("vigil demo: {} on {} (PIPED, CC BY 4.0)", spec.label(), data.display());
-    let pipeline = Pipeline::from_args(&PipelineArgs::default())?;
-    let opts = FitOptions { image_threshold: Some(args.threshold.clone()), ..Default::default() };
-    let outcome = fit(&spec, training_images(&data)?, pipeline, opts)?;
-    println!("fitted in {:.1} s", outcome.fit_seconds);
-    // The demo's outputs are its own: re-running the demo replaces them.
-    let model_path = args.out.join("model.vigil");
-    outcome.model.write(&model_path, true)?;
+    let filter = ImageFilter::default();
+    let opts = FitOptions { image_threshold, ..Default::default() };
+    let model = fit(&spec, training_images(&data, &filter)?, &PipelineOptions::default(), opts)?;
+    println!("fitted in {:.1} s", model.fit_seconds());
+    let model_path = args.out.join(MODEL);
+    model.save(&model_path, false)?;
     let dataset = Dataset::discover(&data)?;
-    let (eval, image_t, pixel_t) = evaluate_fitted(&outcome, &dataset.test)?;
-    write_outputs(&args.out, true, &outcome.model, &dataset.name, &eval, &image_t, &pixel_t, false)?;
-    println!("threshold: {} = {:.4}", image_t.kind, image_t.value);
+    let eval = evaluate(&model, &test_items(&dataset, &filter), EvalOptions::default())?;
+    write_test_outputs(&args.out, &model, &dataset.name, &eval, false)?;
+    println!("threshold: {} = {:.4}", eval.image_threshold.kind, eval.image_threshold.value);
     print_metrics(&eval.metrics);
     println!("model:  {}", model_path.display());
     println!("report: {}", args.out.join("report.html").display());

@@ -115,7 +115,7 @@ fn fit_test_predict_round_trip() {
     assert_eq!(m["images"].as_array().unwrap().len(), 8);
     let report = std::fs::read_to_string(test_dir.join("report.html")).unwrap();
     assert!(report.contains("<svg") && report.contains("AUPRO"));
-    let map = vigil_data::io::load_map_tiff(&test_dir.join("maps/spot_000.tiff")).unwrap();
+    let map = vigil_data::io::load_map_tiff(&test_dir.join("maps/spot/000.tiff")).unwrap();
     assert_eq!((map.width, map.height), (SIZE as usize, SIZE as usize));
 
     // Re-running into the same folder must not silently replace the user's results.
@@ -445,4 +445,488 @@ fn killed_fit_resumes_to_the_same_weights() {
     let b = vigil_core::ModelFile::read(&straight).unwrap();
     assert_eq!(a.state, b.state, "resumed weights differ from the uninterrupted run");
     assert_eq!(a.header.image_threshold, b.header.image_threshold);
+}
+
+/// Where tiled and untiled scoring must agree: tiles that meet without overlap and a method whose
+/// statistics come from training see each tile exactly as they would see it as a whole image. A
+/// 96x96 mosaic of four 48x48 test images, scored in 48-pixel tiles, must give back the four
+/// untiled maps in its quadrants and the largest of their image scores; a tile the size of the
+/// image must give back the untiled map.
+#[test]
+fn tiled_scoring_equals_untiled_scoring_where_the_tiles_are_whole_images() {
+    let f = fixture();
+    let (untiled, tiled) = (f.root.join("untiled.vigil"), f.root.join("tiled.vigil"));
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&untiled)]);
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&tiled), "--tile", "48", "--overlap", "0"]);
+
+    let sources = ["test/spot/000.png", "test/good/000.png", "test/spot/001.png", "test/good/001.png"];
+    let quadrants: Vec<image::RgbImage> =
+        sources.iter().map(|p| image::open(f.data.join(p)).unwrap().to_rgb8()).collect();
+    let pieces = f.root.join("pieces");
+    std::fs::create_dir_all(&pieces).unwrap();
+    let mut mosaic = image::RgbImage::new(2 * SIZE, 2 * SIZE);
+    for (q, piece) in quadrants.iter().enumerate() {
+        piece.save(pieces.join(format!("q{q}.png"))).unwrap();
+        image::imageops::replace(
+            &mut mosaic,
+            piece,
+            (q as u32 % 2 * SIZE).into(),
+            (q as u32 / 2 * SIZE).into(),
+        );
+    }
+    let mosaic_path = f.root.join("mosaic.png");
+    mosaic.save(&mosaic_path).unwrap();
+
+    let scores = |dir: &Path| -> Vec<f64> {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("scores.json")).unwrap()).unwrap();
+        json["images"].as_array().unwrap().iter().map(|i| i["score"].as_f64().unwrap()).collect()
+    };
+    let (alone, whole) = (f.root.join("alone"), f.root.join("whole"));
+    ok(&["predict", "--model", s(&untiled), s(&pieces), "-o", s(&alone)]);
+    ok(&["predict", "--model", s(&tiled), s(&mosaic_path), "-o", s(&whole)]);
+    let stitched = vigil_data::io::load_map_tiff(&whole.join("maps/mosaic.tiff")).unwrap();
+    assert_eq!((stitched.width, stitched.height), (2 * SIZE as usize, 2 * SIZE as usize));
+    let n = SIZE as usize;
+    for q in 0..4 {
+        let own = vigil_data::io::load_map_tiff(&alone.join(format!("maps/q{q}.tiff"))).unwrap();
+        let (x0, y0) = (q % 2 * n, q / 2 * n);
+        let worst = (0..n * n)
+            .map(|i| (own.data[i] - stitched.get(y0 + i / n, x0 + i % n)).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5 * own.max().abs().max(1.0),
+            "quadrant {q}: tiled and untiled maps differ by {worst}"
+        );
+    }
+    let best = scores(&alone).into_iter().fold(f64::MIN, f64::max);
+    let mosaic_score = scores(&whole)[0];
+    assert!((mosaic_score - best).abs() <= 1e-5 * best.abs().max(1.0), "mosaic {mosaic_score}, tiles {best}");
+
+    // One tile covering the whole image is the untiled computation.
+    let (one_tile, plain) = (f.root.join("one_tile"), f.root.join("plain"));
+    let image = f.data.join("test/spot/002.png");
+    ok(&["predict", "--model", s(&untiled), s(&image), "-o", s(&plain)]);
+    ok(&["predict", "--model", s(&tiled), s(&image), "-o", s(&one_tile), "--tile", "48", "--overlap", "0"]);
+    let a = vigil_data::io::load_map_tiff(&plain.join("maps/002.tiff")).unwrap();
+    let b = vigil_data::io::load_map_tiff(&one_tile.join("maps/002.tiff")).unwrap();
+    assert_eq!(a, b, "a single whole-image tile must give the untiled map");
+}
+
+/// Registration recovers known camera shifts. All images are windows of one scene at known
+/// offsets: the reference sees scene pixels [18, 106)², each test view a larger window. The map of
+/// a view is in the view's frame and is left at its background level (its minimum) exactly where
+/// the reference does not see, so the edges of that background region give the recovered shift:
+/// they must lie where the known offsets put them, within a pixel.
+#[test]
+fn registration_recovers_known_shifts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let scene = image::open(&nudged_views(&root.join("scene"), 1, 5, (124, 124))[0]).unwrap().to_luma8();
+    let window = |dir: &str, name: &str, (x, y): (u32, u32), (w, h): (u32, u32)| -> PathBuf {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+        let path = root.join(dir).join(format!("{name}.png"));
+        image::imageops::crop_imm(&scene, x, y, w, h).to_image().save(&path).unwrap();
+        path
+    };
+    let (reference_at, reference_size) = (18u32, 88u32);
+    let reference =
+        window("ref", "reference", (reference_at, reference_at), (reference_size, reference_size));
+    for (i, offset) in [(14, 15), (16, 21), (19, 14), (22, 17), (15, 22), (21, 20), (17, 18), (20, 16)]
+        .into_iter()
+        .enumerate()
+    {
+        window("train", &format!("{i:03}"), offset, (reference_size, reference_size));
+    }
+    // A method whose map varies continuously (random-weight PaDiM): the a contrario map sits at
+    // its floor, which is also the background level, on the scene's flat areas.
+    let method = "padim:random_weights_seed=3,input_size=64";
+    let model = root.join("m.vigil");
+    ok(&[
+        "fit",
+        "-m",
+        method,
+        "--train",
+        s(&root.join("train")),
+        "-o",
+        s(&model),
+        "--register",
+        s(&reference),
+    ]);
+
+    let views = [((6u32, 12u32), "a"), ((12, 4), "b")];
+    let (vw, vh) = (104u32, 100u32);
+    for &(offset, name) in &views {
+        window("views", name, offset, (vw, vh));
+    }
+    let out = root.join("pred");
+    ok(&["predict", "--model", s(&model), "-o", s(&out), s(&root.join("views"))]);
+    for ((ox, oy), name) in views {
+        let map = vigil_data::io::load_map_tiff(&out.join(format!("maps/{name}.tiff"))).unwrap();
+        assert_eq!((map.width, map.height), (vw as usize, vh as usize), "maps are in the view's frame");
+        // View pixel x shows scene pixel x + ox, which the reference sees iff it is in
+        // [reference_at, reference_at + reference_size); likewise along y.
+        let seen = |p: usize, offset: u32| {
+            let scene_p = p as f64 + offset as f64;
+            let (lo, hi) = (reference_at as f64, (reference_at + reference_size) as f64 - 1.0);
+            // distance inside (positive) or outside (negative) the reference's window
+            (scene_p - lo).min(hi - scene_p)
+        };
+        let background = map.min();
+        let (mut wrong, mut checked) = (Vec::new(), 0);
+        for y in 0..map.height {
+            for x in 0..map.width {
+                let margin = seen(x, ox).min(seen(y, oy));
+                if margin.abs() < 1.5 {
+                    continue; // within a pixel of the true edge: either way is right
+                }
+                checked += 1;
+                let is_background = map.get(y, x) == background;
+                if is_background != (margin < 0.0) {
+                    wrong.push((x, y));
+                }
+            }
+        }
+        eprintln!("DEBUG {name} {:?}", wrong);
+        // Inside, one pixel may equal the minimum itself (a pure shift maps it exactly).
+        assert!(
+            wrong.len() <= 1 && checked > map.data.len() * 3 / 4,
+            "view {name} at ({ox}, {oy}): {} of {checked} pixels are on the wrong side of the recovered \
+             field of view, first {:?}",
+            wrong.len(),
+            wrong.first()
+        );
+    }
+}
+
+fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
+}
+
+/// `a/x.png`, `a/x.jpg`, `b/x.png` and `b/sub/x.png` under one folder: four maps, overlays and
+/// masks, each CSV row pointing to its own; the sub-folders are searched.
+#[test]
+fn predict_keeps_colliding_names_apart_and_searches_sub_folders() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let inputs = f.root.join("inputs");
+    for (source, target) in [
+        ("test/good/000.png", "a/x.png"),
+        ("test/spot/000.png", "a/x.jpg"),
+        ("test/good/001.png", "b/x.png"),
+        ("test/spot/001.png", "b/sub/x.png"),
+    ] {
+        let path = inputs.join(target);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::open(f.data.join(source)).unwrap().to_rgb8().save(&path).unwrap();
+    }
+    let out = f.root.join("p");
+    ok(&["predict", "--model", s(&model), s(&inputs), "-o", s(&out)]);
+    let rows = csv_rows(&out.join("scores.csv"));
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for column in [8, 9, 10] {
+        let files: std::collections::HashSet<&String> = rows.iter().map(|r| &r[column]).collect();
+        assert_eq!(files.len(), 4, "column {column} must name four different files: {rows:?}");
+        assert!(files.iter().all(|f| Path::new(f).is_file()), "{files:?}");
+    }
+    assert!(out.join("maps/b/sub/x.tiff").is_file(), "outputs keep the relative path");
+}
+
+/// Outputs of an earlier run (or the user's files of the same names) are replaced only with
+/// --overwrite, which also removes the earlier run's outputs that would otherwise stay stale.
+#[test]
+fn existing_outputs_are_kept_without_overwrite_and_stale_ones_removed_with_it() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let out = f.root.join("p");
+    let user_map = out.join("maps/orig.tiff");
+    std::fs::create_dir_all(user_map.parent().unwrap()).unwrap();
+    std::fs::write(&user_map, b"user data").unwrap();
+    let good = f.data.join("test/good");
+    let err = fails(&["predict", "--model", s(&model), s(&good), "-o", s(&out)]);
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(&user_map).unwrap(), b"user data", "the user's file is untouched");
+    assert!(!out.join("scores.json").exists());
+    ok(&["predict", "--model", s(&model), s(&good), "-o", s(&out), "--overwrite"]);
+    assert!(!user_map.exists(), "a stale map of the earlier run is removed");
+    assert_eq!(csv_rows(&out.join("scores.csv")).len(), 4);
+
+    // `test` and `demo` keep the same rule.
+    let t = f.root.join("t");
+    ok(&["test", "--model", s(&model), "--data", s(&f.data), "-o", s(&t), "--save-maps"]);
+    fails(&["test", "--model", s(&model), "--data", s(&f.data), "-o", s(&t)]);
+    let demo = f.root.join("demo");
+    let demo_args = ["demo", "-o", s(&demo), "-m", METHOD];
+    let run_demo = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(demo_args.iter().chain(extra))
+            .env("VIGIL_NO_PROGRESS", "1")
+            .env("VIGIL_DEMO_DATA", &f.data)
+            .output()
+            .unwrap()
+    };
+    assert!(run_demo(&[]).status.success());
+    let again = run_demo(&[]);
+    assert!(!again.status.success(), "demo must not replace its earlier outputs without --overwrite");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    assert!(run_demo(&["--overwrite"]).status.success());
+}
+
+/// Threshold specs and options that can only fail are refused before any network is trained: a
+/// DRAEM fit with a checkpoint folder leaves no checkpoint behind.
+#[test]
+fn bad_options_are_refused_before_a_draem_fit_starts() {
+    let f = fixture();
+    let ckpt = f.root.join("ckpt");
+    let method = "draem:steps=40,image_size=32,batch=2,checkpoint_every=1";
+    let wrong_mask = f.root.join("ignore.png");
+    image::GrayImage::new(SIZE / 2, SIZE / 2).save(&wrong_mask).unwrap();
+    let model = f.root.join("m.vigil");
+    let base = ["fit", "-m", method, "--train", s(&f.data), "-o", s(&model), "--checkpoint-dir", s(&ckpt)];
+    for (extra, expected) in [
+        (vec!["--threshold", "fixed:NaN"], "fixed:NaN"),
+        (vec!["--threshold", "fixed:inf"], "finite"),
+        (vec!["--threshold", "nfa"], "NFA"),
+        (vec!["--threshold", "f1"], "--val-anomalous"),
+        (vec!["--val-fraction", "0"], "--fit-on-all"),
+        (vec!["--ignore", s(&wrong_mask)], "ignore mask"),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let err = fails(&args);
+        assert!(err.contains(expected), "{extra:?}: {err}");
+        let checkpoints = std::fs::read_dir(&ckpt).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(checkpoints, 0, "{extra:?}: training started before the option was refused");
+        assert!(!model.exists());
+    }
+}
+
+/// --skip-bad lists each skipped file in scores.csv / scores.json / metrics.json; a run that can
+/// score nothing fails.
+#[test]
+fn skipped_files_are_listed_and_a_run_that_scores_nothing_fails() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let inputs = f.root.join("inputs");
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::copy(f.data.join("test/good/000.png"), inputs.join("a.png")).unwrap();
+    std::fs::write(inputs.join("broken.png"), b"not a png").unwrap();
+    let out = f.root.join("p");
+    ok(&["predict", "--model", s(&model), s(&inputs), "-o", s(&out), "--skip-bad"]);
+    let rows = csv_rows(&out.join("scores.csv"));
+    let broken = rows.iter().find(|r| r[0].ends_with("broken.png")).expect("the skipped file has a row");
+    assert!(broken[1].starts_with("skipped"), "{broken:?}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("scores.json")).unwrap()).unwrap();
+    assert!(json["images"].as_array().unwrap().iter().any(|r| r["status"] == "skipped"));
+
+    std::fs::remove_file(inputs.join("a.png")).unwrap();
+    let err =
+        fails(&["predict", "--model", s(&model), s(&inputs), "-o", s(&out), "--skip-bad", "--overwrite"]);
+    assert!(err.contains("no image could be scored"), "{err}");
+}
+
+/// A model fitted on grayscale images scores colour images of the same scenes as their grayscale
+/// versions, for a method that wants RGB input (PaDiM, random backbone weights: no download).
+#[test]
+fn colour_images_reach_a_grayscale_model_as_grayscale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (gray, colour) = (tmp.path().join("gray"), tmp.path().join("colour"));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for (dir, n) in [("train", 10), ("test", 6)] {
+        std::fs::create_dir_all(gray.join(dir)).unwrap();
+        std::fs::create_dir_all(colour.join(dir)).unwrap();
+        for i in 0..n {
+            // A strongly tinted texture: its grayscale version is a different picture to an RGB network.
+            let base = texture(&mut rng, SIZE);
+            let tinted = image::RgbImage::from_fn(SIZE, SIZE, |x, y| {
+                let v = base.get_pixel(x, y)[0] as f32;
+                image::Rgb([v as u8, (v * 0.4) as u8, (255.0 - v) as u8])
+            });
+            tinted.save(colour.join(format!("{dir}/{i:03}.png"))).unwrap();
+            // The same luminance weights as vigil's own conversion, kept to 16 bits.
+            let luma = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(SIZE, SIZE, |x, y| {
+                let [r, g, b] = tinted.get_pixel(x, y).0.map(|c| c as f32 / 255.0);
+                image::Luma([((0.299 * r + 0.587 * g + 0.114 * b) * 65535.0).round() as u16])
+            });
+            luma.save(gray.join(format!("{dir}/{i:03}.png"))).unwrap();
+        }
+    }
+    let model = tmp.path().join("m.vigil");
+    let method = "padim:random_weights_seed=1,input_size=64";
+    ok(&["fit", "-m", method, "--train", s(&gray.join("train")), "-o", s(&model), "--threshold", "max"]);
+    let verdicts = |dir: &Path, out: &str| -> Vec<String> {
+        let out = tmp.path().join(out);
+        let o = vigil(&["predict", "--model", s(&model), s(dir), "-o", s(&out)]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        csv_rows(&out.join("scores.csv")).into_iter().map(|r| r[3].clone()).collect()
+    };
+    let from_gray = verdicts(&gray.join("test"), "pg");
+    let from_colour = verdicts(&colour.join("test"), "pc");
+    assert_eq!(from_gray, from_colour, "colour images must be scored as their grayscale versions");
+    let o =
+        vigil(&["predict", "--model", s(&model), s(&colour.join("test")), "-o", s(&tmp.path().join("pc2"))]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(stderr.matches("converted").count(), 1, "the conversion is reported once: {stderr}");
+}
+
+/// --fit-on-all fits on every image with a quantile threshold from their own scores, and warns;
+/// a quantile from fewer than 10 held-out scores warns too.
+#[test]
+fn fit_on_all_and_few_score_warnings() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    let out = vigil(&[
+        "fit",
+        "-m",
+        METHOD,
+        "--train",
+        s(&f.data),
+        "-o",
+        s(&model),
+        "--fit-on-all",
+        "--threshold",
+        "quantile:0.9",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let header = vigil_core::ModelFile::read(&model).unwrap().header;
+    assert_eq!(header.fit_info["train_images"], 12);
+    assert_eq!(header.image_threshold.unwrap().n_samples, 12);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fit-on-all"));
+    let out = vigil(&[
+        "fit",
+        "-m",
+        METHOD,
+        "--train",
+        s(&f.data),
+        "-o",
+        s(&model),
+        "--overwrite",
+        "--threshold",
+        "quantile:0.9",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only 2 normal score"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The a contrario detector with statistics from the test image learns nothing: no --train.
+#[test]
+fn a_method_that_learns_nothing_needs_no_training_images() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", "acontrario:scales=2,patch_size=7,components=8", "-o", s(&model)]);
+    let out = f.root.join("t");
+    ok(&["test", "--model", s(&model), "--data", s(&f.data), "-o", s(&out)]);
+    let err = fails(&["fit", "-m", METHOD, "-o", s(&f.root.join("x.vigil"))]);
+    assert!(err.contains("--train"), "{err}");
+}
+
+/// Masks kept beside their images (`x.jpg` + `x.png`) are not read as test images; --glob filters.
+#[test]
+fn masks_beside_images_are_not_test_images_and_glob_filters() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let imgs = f.root.join("Imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for i in 0..4 {
+        image::open(f.data.join(format!("test/spot/{i:03}.png")))
+            .unwrap()
+            .to_rgb8()
+            .save(imgs.join(format!("{i}.jpg")))
+            .unwrap();
+        std::fs::copy(
+            f.data.join(format!("ground_truth/spot/{i:03}_mask.png")),
+            imgs.join(format!("{i}.png")),
+        )
+        .unwrap();
+    }
+    let out = f.root.join("t");
+    let normal = f.data.join("test/good");
+    let common = ["test", "--model", s(&model), "--normal", s(&normal), "--anomalous", s(&imgs)];
+    let args: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["--masks", s(&imgs), "--mask-pattern", "{stem}.png", "-o", s(&out)])
+        .collect();
+    ok(&args);
+    assert_eq!(metrics(&out)["metrics"]["n_images"], 8, "4 normal + 4 anomalous, masks left out");
+    let p = f.root.join("p");
+    ok(&["predict", "--model", s(&model), s(&imgs), "-o", s(&p), "--glob", "*.jpg"]);
+    assert_eq!(csv_rows(&p.join("scores.csv")).len(), 4);
+}
+
+/// A benchmark in which one class fails still writes its table, with the failure in it.
+#[test]
+fn a_failing_class_is_reported_and_the_benchmark_goes_on() {
+    let f = fixture();
+    let root = f.root.join("classes");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::rename(&f.data, root.join("good_class")).unwrap();
+    let broken = root.join("broken_class");
+    std::fs::create_dir_all(broken.join("train/good")).unwrap();
+    std::fs::create_dir_all(broken.join("test/good")).unwrap();
+    std::fs::write(broken.join("train/good/000.png"), b"not a png").unwrap();
+    std::fs::copy(root.join("good_class/test/good/000.png"), broken.join("test/good/000.png")).unwrap();
+    let out = f.root.join("b");
+    let o = vigil(&[
+        "benchmark",
+        "-m",
+        METHOD,
+        "--data",
+        s(&root),
+        "-o",
+        s(&out),
+        "--fit-on-all",
+        "--threshold",
+        "max",
+    ]);
+    assert!(!o.status.success(), "a failed run is reported in the exit status");
+    let csv = std::fs::read_to_string(out.join("benchmark.csv")).unwrap();
+    assert!(csv.contains("broken_class") && csv.contains("failed"), "{csv}");
+    let good = csv.lines().find(|l| l.contains("good_class")).unwrap();
+    assert!(!good.contains("failed"), "{good}");
+}
+
+/// With stderr not a terminal, `--progress plain` (and auto) write plain progress lines.
+#[test]
+fn plain_progress_lines_when_not_a_terminal() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let o = vigil(&[
+        "--progress",
+        "plain",
+        "test",
+        "--model",
+        s(&model),
+        "--data",
+        s(&f.data),
+        "-o",
+        s(&f.root.join("t")),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("scoring: 8/8 images"), "{stderr}");
+}
+
+/// An image far larger than the training images, scored whole, is worth a warning.
+#[test]
+fn much_larger_images_without_tiles_are_warned_about() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let big = f.root.join("big.png");
+    image::open(f.data.join("test/good/000.png"))
+        .unwrap()
+        .resize_exact(SIZE * 5, SIZE * 5, image::imageops::FilterType::Nearest)
+        .save(&big)
+        .unwrap();
+    let o = vigil(&["predict", "--model", s(&model), s(&big), "-o", s(&f.root.join("p"))]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--tile"), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -7,17 +7,17 @@ mod ignore_support;
 
 #[test]
 fn patch_pca_training_statistics() {
-    ignore_support::check_both_modes("acontrario:statistics=training,scales=2,patch_size=7,components=8");
+    ignore_support::check_both_modes("acontrario:statistics=training,scales=2,patch_size=7,components=8,count_channels_and_scales=true");
 }
 
 #[test]
 fn patch_pca_test_image_statistics() {
-    ignore_support::check_both_modes("acontrario:statistics=test-image,scales=2,patch_size=7,components=8");
+    ignore_support::check_both_modes("acontrario:statistics=test-image,scales=2,patch_size=7,components=8,count_channels_and_scales=true");
 }
 
 #[test]
 fn cnn_region_nfa() {
     ignore_support::check_both_modes(
-        "acontrario:feature=cnn,nfa=region,statistics=training,random_weights_seed=1,cnn_input=128",
+        "acontrario:feature=cnn,nfa=region,growing=thesis,statistics=training,random_weights_seed=1,cnn_input=128",
     );
 }

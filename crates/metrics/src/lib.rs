@@ -30,3 +30,4 @@ pub use scores::{Label, Score};
 pub use segmentation::{
     flatten_pixels, iou, mean_iou, mean_iou_at, oracle_mean_iou, MeanIouOptimum, IOU_EPSILON,
 };
+pub use threshold::ThresholdRule;

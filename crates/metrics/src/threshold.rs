@@ -1,5 +1,8 @@
 //! Decision thresholds learned from scores. Every one follows vigil's rule: a score strictly
 //! above `Threshold::value` is anomalous. Inputs must be non-empty and finite.
+//!
+//! [`ThresholdRule`] is the one threshold concept of vigil: it is parsed from the user's text
+//! (`quantile:0.99`), printed back the same way, and computes a [`Threshold`] from scores.
 
 use vigil_core::{Result, Threshold, ThresholdKind, ThresholdLevel, VigilError};
 
@@ -60,6 +63,164 @@ pub fn f1_optimal<S: Score, L: Label>(
     Ok(Threshold { kind: ThresholdKind::F1Optimal, level, value, n_samples: scores.len() })
 }
 
+/// How a threshold is chosen: `max`, `quantile:P`, `ksigma:K` (on held-out normal scores), `nfa:K`
+/// (log10 NFA <= -K, for methods that compute an NFA), `fixed:V`, or `f1` (F1-optimal on labelled
+/// validation scores). Every number is finite once parsed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ThresholdRule {
+    Max,
+    Quantile(f64),
+    KSigma(f64),
+    Nfa(f64),
+    Fixed(f64),
+    F1,
+}
+
+/// Fewer held-out scores than this make a quantile or k-sigma threshold unreliable.
+pub const FEW_SCORES: usize = 10;
+
+impl std::str::FromStr for ThresholdRule {
+    type Err = VigilError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let (kind, arg) = match text.trim().split_once(':') {
+            Some((k, a)) => (k.trim(), Some(a.trim())),
+            None => (text.trim(), None),
+        };
+        let bad = |why: String| VigilError::Config(format!("threshold '{text}': {why}"));
+        let number = |default: Option<f64>| -> Result<f64> {
+            let value = match arg {
+                Some(a) => a.parse::<f64>().map_err(|_| bad(format!("'{a}' is not a number")))?,
+                None => default.ok_or_else(|| bad(format!("needs a value, e.g. {kind}:0.5")))?,
+            };
+            if !value.is_finite() {
+                return Err(bad(format!("{value} is not a finite number")));
+            }
+            Ok(value)
+        };
+        let no_value = |rule: ThresholdRule| match arg {
+            Some(a) => Err(bad(format!("'{kind}' takes no value, got '{a}'"))),
+            None => Ok(rule),
+        };
+        match kind {
+            "max" => no_value(ThresholdRule::Max),
+            "f1" => no_value(ThresholdRule::F1),
+            "quantile" => {
+                let p = number(Some(0.99))?;
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(bad("the quantile must be in (0, 1]".into()));
+                }
+                Ok(ThresholdRule::Quantile(p))
+            }
+            "ksigma" => Ok(ThresholdRule::KSigma(number(Some(3.0))?)),
+            "nfa" => Ok(ThresholdRule::Nfa(number(Some(0.0))?)),
+            "fixed" => Ok(ThresholdRule::Fixed(number(None)?)),
+            _ => Err(bad("unknown kind; use max, quantile:P, ksigma:K, nfa:K, fixed:V or f1".into())),
+        }
+    }
+}
+
+impl std::fmt::Display for ThresholdRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThresholdRule::Max => write!(f, "max"),
+            ThresholdRule::Quantile(p) => write!(f, "quantile:{p}"),
+            ThresholdRule::KSigma(k) => write!(f, "ksigma:{k}"),
+            ThresholdRule::Nfa(k) => write!(f, "nfa:{k}"),
+            ThresholdRule::Fixed(v) => write!(f, "fixed:{v}"),
+            ThresholdRule::F1 => write!(f, "f1"),
+        }
+    }
+}
+
+impl ThresholdRule {
+    /// The rule a stored threshold came from (a fixed one keeps its value).
+    pub fn of(threshold: &Threshold) -> ThresholdRule {
+        match threshold.kind {
+            ThresholdKind::Max => ThresholdRule::Max,
+            ThresholdKind::Quantile { p } => ThresholdRule::Quantile(p),
+            ThresholdKind::KSigma { k } => ThresholdRule::KSigma(k),
+            ThresholdKind::F1Optimal => ThresholdRule::F1,
+            ThresholdKind::Nfa { k } => ThresholdRule::Nfa(k),
+            ThresholdKind::Fixed => ThresholdRule::Fixed(threshold.value),
+        }
+    }
+
+    /// The rule of a method's own threshold kind (NFA for a contrario methods).
+    pub fn of_kind(kind: &ThresholdKind) -> Option<ThresholdRule> {
+        match kind {
+            ThresholdKind::Max => Some(ThresholdRule::Max),
+            ThresholdKind::Quantile { p } => Some(ThresholdRule::Quantile(*p)),
+            ThresholdKind::KSigma { k } => Some(ThresholdRule::KSigma(*k)),
+            ThresholdKind::F1Optimal => Some(ThresholdRule::F1),
+            ThresholdKind::Nfa { k } => Some(ThresholdRule::Nfa(*k)),
+            ThresholdKind::Fixed => None,
+        }
+    }
+
+    /// Does it need scores of held-out normal images?
+    pub fn needs_normal_scores(&self) -> bool {
+        matches!(
+            self,
+            ThresholdRule::Max | ThresholdRule::Quantile(_) | ThresholdRule::KSigma(_) | ThresholdRule::F1
+        )
+    }
+
+    /// Does it rest on a statistic that is unreliable from few scores?
+    pub fn is_statistical(&self) -> bool {
+        matches!(self, ThresholdRule::Quantile(_) | ThresholdRule::KSigma(_))
+    }
+
+    /// Does it need labelled anomalous validation data?
+    pub fn needs_labels(&self) -> bool {
+        matches!(self, ThresholdRule::F1)
+    }
+
+    /// Does it read the NFA a method computes instead of scores?
+    pub fn is_nfa(&self) -> bool {
+        matches!(self, ThresholdRule::Nfa(_))
+    }
+
+    /// Computes the threshold from validation scores with labels (false = held-out normal image or
+    /// pixel, true = anomalous). NFA and fixed rules need no scores.
+    pub fn compute(&self, level: ThresholdLevel, scores: &[f64], labels: &[bool]) -> Result<Threshold> {
+        if scores.len() != labels.len() {
+            return Err(VigilError::invalid(format!(
+                "{self} threshold: {} scores but {} labels",
+                scores.len(),
+                labels.len()
+            )));
+        }
+        let normal: Vec<f64> = scores.iter().zip(labels).filter(|(_, &l)| !l).map(|(&s, _)| s).collect();
+        if self.needs_normal_scores() && normal.is_empty() {
+            return Err(VigilError::Config(format!(
+                "{level:?} threshold {self} needs held-out normal images, but none were held out: raise \
+                 --val-fraction or give more training images (or use fixed:V / nfa:K)"
+            )));
+        }
+        match *self {
+            ThresholdRule::Nfa(k) => {
+                Ok(Threshold { kind: ThresholdKind::Nfa { k }, level, value: k, n_samples: 0 })
+            }
+            ThresholdRule::Fixed(value) => {
+                Ok(Threshold { kind: ThresholdKind::Fixed, level, value, n_samples: 0 })
+            }
+            ThresholdRule::Max => max_of(&normal, level),
+            ThresholdRule::Quantile(p) => quantile(&normal, p, level),
+            ThresholdRule::KSigma(k) => k_sigma(&normal, k, level),
+            ThresholdRule::F1 => {
+                if !labels.iter().any(|&l| l) {
+                    return Err(VigilError::Config(format!(
+                        "an F1-optimal {level:?} threshold needs labelled anomalous validation data besides \
+                         held-out normal images"
+                    )));
+                }
+                f1_optimal(scores, labels, level)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +270,37 @@ mod tests {
         let e = quantile(&[f32::NAN], 0.5, Pixel).unwrap_err().to_string();
         assert!(e.contains("NaN"), "{e}");
         assert!(f1_optimal(&[0.1, 0.2], &[false, false], Image).is_err());
+    }
+
+    #[test]
+    fn rules_parse_print_and_refuse_non_finite_values() {
+        for text in ["max", "quantile:0.95", "ksigma:2.5", "nfa:1", "fixed:0.25", "f1"] {
+            let rule: ThresholdRule = text.parse().unwrap();
+            assert_eq!(rule.to_string().parse::<ThresholdRule>().unwrap(), rule, "{text}");
+        }
+        assert_eq!("quantile".parse::<ThresholdRule>().unwrap(), ThresholdRule::Quantile(0.99));
+        for text in ["fixed:NaN", "fixed:inf", "fixed:-inf", "ksigma:nan", "nfa:inf"] {
+            let e = text.parse::<ThresholdRule>().unwrap_err().to_string();
+            assert!(e.contains(text) && e.contains("finite"), "{text}: {e}");
+        }
+        for text in ["quantile:0", "quantile:1.5", "fixed", "max:3", "median"] {
+            let e = text.parse::<ThresholdRule>().unwrap_err().to_string();
+            assert!(e.contains(text), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn rules_compute_from_labelled_scores() {
+        let scores = [1.0, 2.0, 3.0, 10.0];
+        let labels = [false, false, false, true];
+        assert_eq!(ThresholdRule::Max.compute(Image, &scores, &labels).unwrap().value, 3.0);
+        let t = ThresholdRule::Fixed(0.5).compute(Image, &[], &[]).unwrap();
+        assert_eq!((t.value, t.kind), (0.5, ThresholdKind::Fixed));
+        let f1 = ThresholdRule::F1.compute(Image, &scores, &labels).unwrap();
+        assert!(f1.value > 3.0 && f1.value < 10.0);
+        assert!(ThresholdRule::F1.compute(Image, &scores[..3], &labels[..3]).is_err());
+        let e = ThresholdRule::Quantile(0.9).compute(Image, &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("held-out"), "{e}");
+        assert_eq!(ThresholdRule::of(&f1), ThresholdRule::F1);
     }
 }

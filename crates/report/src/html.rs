@@ -26,6 +26,9 @@ pub struct ReportThreshold {
     /// sorted images) or `"pixel"`.
     pub level: String,
     pub value: f64,
+    /// The quantity compared with `value`, in words: "image score", or for a contrario methods
+    /// "-log10 NFA of the most significant region". Item scores in the report are this quantity.
+    pub quantity: String,
 }
 
 impl From<&Threshold> for ReportThreshold {
@@ -34,7 +37,12 @@ impl From<&Threshold> for ReportThreshold {
             ThresholdLevel::Image => "image",
             ThresholdLevel::Pixel => "pixel",
         };
-        ReportThreshold { kind: t.kind.to_string(), level: level.into(), value: t.value }
+        ReportThreshold {
+            kind: t.kind.to_string(),
+            level: level.into(),
+            value: t.value,
+            quantity: format!("{level} score"),
+        }
     }
 }
 
@@ -312,8 +320,8 @@ fn summary_section(h: &mut String, data: &ReportData) {
         Some(t) => {
             let _ = write!(
                 h,
-                "<p class=\"thr\">Decision threshold: {} score &gt; <b>{}</b> is anomalous · chosen as <b>{}</b></p>",
-                escape(&t.level),
+                "<p class=\"thr\">Decision threshold: {} &gt; <b>{}</b> is anomalous · chosen as <b>{}</b></p>",
+                escape(&t.quantity),
                 escape(&format_score(t.value)),
                 escape(&t.kind)
             );

@@ -1,0 +1,50 @@
+//! `vigil fit`.
+
+use anyhow::{anyhow, bail, Result};
+use vigil_engine::{fit, training_images, MethodSpec};
+
+use crate::args::FitArgs;
+use crate::options;
+
+pub fn fit_command(args: FitArgs) -> Result<()> {
+    let config = args.config.clone();
+    let args: FitArgs = crate::config::merge_with_file(args, config.as_deref())?;
+    let method =
+        args.method.as_deref().ok_or_else(|| anyhow!("--method is required (see `vigil methods`)"))?;
+    let out = args.out.as_deref().ok_or_else(|| anyhow!("--out <model file> is required"))?;
+    if out.exists() && !args.overwrite {
+        bail!("{}: already exists; pass --overwrite to replace it", out.display());
+    }
+    let spec = MethodSpec::parse(method, &args.params)?;
+    let pipeline = options::pipeline(&args.pipeline)?;
+    let filter = options::filter(&args.pipeline, false);
+    let val_anomalous = match &args.val_anomalous {
+        Some(dir) => {
+            options::anomalous_items(dir, args.val_masks.as_deref(), args.mask_pattern.as_deref(), &filter)?
+        }
+        None => Vec::new(),
+    };
+    let opts = options::fit(
+        options::FitFlags {
+            val_fraction: args.val_fraction,
+            fit_on_all: args.fit_on_all,
+            threshold: args.threshold.as_deref(),
+            pixel_threshold: args.pixel_threshold.as_deref(),
+            seed: args.seed,
+            checkpoint_dir: args.checkpoint_dir.clone(),
+        },
+        val_anomalous,
+    )?;
+    let paths = match &args.train {
+        Some(train) => training_images(train, &filter)?,
+        None if !spec.needs_training() => Vec::new(),
+        None => bail!("--train <folder> is required: {} learns from normal images", spec.label()),
+    };
+    let model = fit(&spec, paths, &pipeline, opts)?;
+    model.save(out, args.overwrite)?;
+    println!("fitted {} in {:.1} s -> {}", spec.label(), model.fit_seconds(), out.display());
+    for t in [&model.image_threshold, &model.pixel_threshold] {
+        println!("  {:?} threshold {:.6} ({}, from {} scores)", t.level, t.value, t.kind, t.n_samples);
+    }
+    Ok(())
+}

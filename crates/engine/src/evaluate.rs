@@ -1,0 +1,193 @@
+//! Evaluation of a model on labelled images: every metric of the MVTec protocol and the thesis,
+//! computed from the items scored by the one per-image loop.
+
+use anyhow::Result;
+use serde::Serialize;
+use vigil_core::{Mask, Threshold};
+
+use crate::model::Model;
+use crate::run::{score_items, Event, Item, LoopOptions, Skipped};
+
+/// Per-image outcome kept for metrics and the report (maps are kept; images are reduced to a thumbnail).
+pub struct ItemResult {
+    pub item: Item,
+    pub image_score: f32,
+    /// The quantity the image threshold is applied to (the region NFA for NFA thresholds).
+    pub decided_value: f64,
+    pub map: Vec<f32>,
+    pub gt: Option<Mask>,
+    pub predicted: Mask,
+    pub verdict: bool,
+    pub seconds: f64,
+    pub thumbnail_png: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Metrics {
+    pub n_images: usize,
+    pub n_anomalous: usize,
+    pub image_auroc: Option<f64>,
+    pub image_ap: Option<f64>,
+    pub image_f1_max: Option<f64>,
+    pub image_accuracy: Option<f64>,
+    pub image_precision: Option<f64>,
+    pub image_recall: Option<f64>,
+    pub image_f1: Option<f64>,
+    pub pixel_auroc: Option<f64>,
+    pub pixel_ap: Option<f64>,
+    pub aupro: Option<f64>,
+    pub aupro_limit: f64,
+    pub pixel_precision: Option<f64>,
+    pub pixel_recall: Option<f64>,
+    pub pixel_iou: Option<f64>,
+    /// Per-image IoU at the threshold averaged over all test images (the thesis' definition).
+    pub miou: Option<f64>,
+    /// mIoU at the best single threshold chosen on the test set (upper bound, as the thesis reports).
+    pub oracle_miou: Option<f64>,
+    /// Mean number of connected detected regions on normal test images (the a contrario promise is ~1 at NFA=1).
+    pub false_regions_per_normal_image: Option<f64>,
+    pub seconds_per_image: f64,
+}
+
+pub struct Evaluation {
+    pub results: Vec<ItemResult>,
+    pub metrics: Metrics,
+    pub skipped: Vec<Skipped>,
+    pub image_threshold: Threshold,
+    pub pixel_threshold: Threshold,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EvalOptions {
+    /// Resample ground-truth masks whose size differs from their image instead of stopping.
+    pub resize_masks: bool,
+    /// FPR limit of AUPRO (0.3 in the MVTec protocol).
+    pub aupro_limit: f64,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions { resize_masks: false, aupro_limit: 0.3 }
+    }
+}
+
+/// Scores every labelled item with the model and computes the metrics.
+pub fn evaluate(model: &Model, items: &[Item], options: EvalOptions) -> Result<Evaluation> {
+    let mut results = Vec::with_capacity(items.len());
+    let loop_options = LoopOptions { resize_masks: options.resize_masks };
+    let skipped =
+        score_items(model.detector.as_ref(), &model.pipeline, items, loop_options, "scoring", |event| {
+            let Event::Scored(s) = event else { return Ok(()) };
+            let predicted = model.pixel_verdicts(&s.scored);
+            let thumbnail_png =
+                crate::report::thumbnail(&s.image, &s.scored.map, &model.pixel_threshold, &predicted)?;
+            results.push(ItemResult {
+                item: s.item.clone(),
+                image_score: s.scored.image_score,
+                decided_value: model.decided_value(&s.scored),
+                verdict: model.image_verdict(&s.scored),
+                width: s.scored.map.width,
+                height: s.scored.map.height,
+                map: s.scored.map.data,
+                gt: s.truth,
+                predicted,
+                seconds: s.seconds,
+                thumbnail_png,
+            });
+            Ok(())
+        })?;
+    let metrics = compute_metrics(&results, options.aupro_limit)?;
+    Ok(Evaluation {
+        results,
+        metrics,
+        skipped,
+        image_threshold: model.image_threshold.clone(),
+        pixel_threshold: model.pixel_threshold.clone(),
+    })
+}
+
+pub fn compute_metrics(results: &[ItemResult], aupro_limit: f64) -> Result<Metrics> {
+    use vigil_metrics as vm;
+    let scores: Vec<f64> = results.iter().map(|r| r.image_score as f64).collect();
+    let labels: Vec<bool> = results.iter().map(|r| r.item.label == Some(true)).collect();
+    let both_classes = labels.iter().any(|&l| l) && labels.iter().any(|&l| !l);
+    let mut m = Metrics {
+        n_images: results.len(),
+        n_anomalous: labels.iter().filter(|&&l| l).count(),
+        aupro_limit,
+        seconds_per_image: results.iter().map(|r| r.seconds).sum::<f64>() / results.len() as f64,
+        ..Default::default()
+    };
+    if both_classes {
+        m.image_auroc = Some(vm::roc_auc(&scores, &labels)?);
+        m.image_ap = Some(vm::average_precision(&scores, &labels)?);
+        m.image_f1_max = Some(vm::f1_max(&scores, &labels)?.0);
+    }
+    let verdicts: Vec<bool> = results.iter().map(|r| r.verdict).collect();
+    let c = vm::BinaryCounts::from_decisions(&verdicts, &labels)?;
+    m.image_accuracy = Some(c.accuracy());
+    m.image_precision = Some(c.precision());
+    m.image_recall = Some(c.recall());
+    m.image_f1 = Some(c.f1());
+
+    // Pixel level: only when every image has a ground truth (normal ones are all-zero).
+    let with_gt: Vec<&ItemResult> = results.iter().filter(|r| r.gt.is_some()).collect();
+    let any_defect_pixels = with_gt.iter().any(|r| r.gt.as_ref().is_some_and(|g| g.count() > 0));
+    if with_gt.len() == results.len() && any_defect_pixels {
+        let maps: Vec<&[f32]> = with_gt.iter().map(|r| r.map.as_slice()).collect();
+        let truth: Vec<&[bool]> = with_gt.iter().map(|r| r.gt.as_ref().unwrap().data.as_slice()).collect();
+        let sizes: Vec<(usize, usize)> = with_gt.iter().map(|r| (r.width, r.height)).collect();
+        let flat_scores: Vec<f32> = maps.iter().flat_map(|s| s.iter().copied()).collect();
+        let flat_labels: Vec<bool> = truth.iter().flat_map(|g| g.iter().copied()).collect();
+        m.pixel_auroc = Some(vm::roc_auc(&flat_scores, &flat_labels)?);
+        m.pixel_ap = Some(vm::average_precision(&flat_scores, &flat_labels)?);
+        m.aupro = Some(vm::aupro(&maps, &truth, &sizes, aupro_limit)?);
+        let predicted: Vec<&[bool]> = with_gt.iter().map(|r| r.predicted.data.as_slice()).collect();
+        let flat_pred: Vec<bool> = predicted.iter().flat_map(|p| p.iter().copied()).collect();
+        let pc = vm::BinaryCounts::from_decisions(&flat_pred, &flat_labels)?;
+        m.pixel_precision = Some(pc.precision());
+        m.pixel_recall = Some(pc.recall());
+        m.pixel_iou = Some(pc.iou());
+        m.miou = Some(vm::mean_iou(&predicted, &truth)?);
+        m.oracle_miou = Some(vm::oracle_mean_iou(&maps, &truth)?.mean_iou);
+    }
+    let normals: Vec<&ItemResult> = results.iter().filter(|r| r.item.label == Some(false)).collect();
+    if !normals.is_empty() {
+        let regions =
+            normals.iter().map(|r| vm::count_regions(&r.predicted)).sum::<vigil_core::Result<usize>>()?;
+        m.false_regions_per_normal_image = Some(regions as f64 / normals.len() as f64);
+    }
+    Ok(m)
+}
+
+pub fn print_metrics(m: &Metrics) {
+    for (name, value) in metric_rows(m) {
+        println!("  {name:<34} {value}");
+    }
+}
+
+pub fn metric_rows(m: &Metrics) -> Vec<(String, String)> {
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "n/a".into());
+    vec![
+        ("images (anomalous)".into(), format!("{} ({})", m.n_images, m.n_anomalous)),
+        ("image AUROC".into(), f(m.image_auroc)),
+        ("image AP".into(), f(m.image_ap)),
+        ("image F1-max (oracle threshold)".into(), f(m.image_f1_max)),
+        ("image accuracy @ threshold".into(), f(m.image_accuracy)),
+        ("image precision @ threshold".into(), f(m.image_precision)),
+        ("image recall @ threshold".into(), f(m.image_recall)),
+        ("image F1 @ threshold".into(), f(m.image_f1)),
+        ("pixel AUROC".into(), f(m.pixel_auroc)),
+        ("pixel AP".into(), f(m.pixel_ap)),
+        (format!("AUPRO@{}", m.aupro_limit), f(m.aupro)),
+        ("pixel precision @ threshold".into(), f(m.pixel_precision)),
+        ("pixel recall @ threshold".into(), f(m.pixel_recall)),
+        ("pixel IoU @ threshold".into(), f(m.pixel_iou)),
+        ("mIoU @ threshold".into(), f(m.miou)),
+        ("mIoU @ oracle threshold".into(), f(m.oracle_miou)),
+        ("false regions per normal image".into(), f(m.false_regions_per_normal_image)),
+        ("seconds per image".into(), format!("{:.4}", m.seconds_per_image)),
+    ]
+}

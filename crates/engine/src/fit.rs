@@ -1,0 +1,260 @@
+//! Fitting: everything that depends only on options is checked first, then the method learns from
+//! normal images, held-out images are scored and the thresholds set.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use vigil_core::{FitContext, Threshold, ThresholdLevel};
+use vigil_data::dataset::validation_split;
+use vigil_metrics::threshold::FEW_SCORES;
+use vigil_metrics::{ImageScoreReduction, ThresholdRule};
+
+use crate::model::Model;
+use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::registry::MethodSpec;
+use crate::run::{score_items, Event, ImageFilter, Item, LoopOptions};
+
+/// How to fit and set thresholds.
+#[derive(Clone, Debug)]
+pub struct FitOptions {
+    /// Fraction of the normal images held out to set thresholds, in [0, 1).
+    pub val_fraction: f64,
+    /// Fit on every training image; thresholds then come from the training images' own scores.
+    pub fit_on_all: bool,
+    /// Image threshold; None: the method's own (NFA), else quantile:0.99.
+    pub image_threshold: Option<ThresholdRule>,
+    /// Pixel threshold; None: derived from the image threshold.
+    pub pixel_threshold: Option<ThresholdRule>,
+    pub seed: u64,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Labelled anomalous validation images (for F1-optimal thresholds), with masks when known.
+    pub val_anomalous: Vec<Item>,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            val_fraction: 0.2,
+            fit_on_all: false,
+            image_threshold: None,
+            pixel_threshold: None,
+            seed: 0,
+            checkpoint_dir: None,
+            val_anomalous: Vec::new(),
+        }
+    }
+}
+
+/// The normal training images of a folder: an MVTec class folder (train/good) or a plain folder.
+pub fn training_images(train: &Path, filter: &ImageFilter) -> Result<Vec<PathBuf>> {
+    let good = train.join("train").join("good");
+    filter.list(if good.is_dir() { &good } else { train })
+}
+
+/// Scores of validation data with labels (false = normal).
+#[derive(Default)]
+struct ValidationScores {
+    scores: Vec<f64>,
+    labels: Vec<bool>,
+}
+
+impl ValidationScores {
+    fn push(&mut self, score: f64, label: bool) {
+        self.scores.push(score);
+        self.labels.push(label);
+    }
+    fn normal_count(&self) -> usize {
+        self.labels.iter().filter(|&&l| !l).count()
+    }
+}
+
+/// The thresholds a fit will set, decided (and checked) before any work.
+struct Plan {
+    image_rule: ThresholdRule,
+    /// None: the pixel threshold is the image threshold applied to pixels.
+    pixel_rule: Option<ThresholdRule>,
+}
+
+fn plan(
+    spec: &MethodSpec,
+    provides_nfa: bool,
+    own: Option<ThresholdRule>,
+    pipeline: &Pipeline,
+    opts: &FitOptions,
+    n_train: usize,
+) -> Result<Plan> {
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        bail!("--val-fraction must be in [0, 1), got {}", opts.val_fraction);
+    }
+    let image_rule = opts.image_threshold.or(own).unwrap_or(ThresholdRule::Quantile(0.99));
+    let image_is_map_max =
+        pipeline.settings.image_score.is_none_or(|r| matches!(r, ImageScoreReduction::Max));
+    let labelled_masks =
+        !opts.val_anomalous.is_empty() && opts.val_anomalous.iter().all(|i| i.mask.is_some());
+    let pixel_rule = match opts.pixel_threshold {
+        Some(rule) => Some(rule),
+        // A pixel is flagged exactly when it alone would flag its image.
+        None if image_is_map_max || matches!(image_rule, ThresholdRule::Nfa(_) | ThresholdRule::Fixed(_)) => {
+            None
+        }
+        None if image_rule.needs_labels() && !labelled_masks => None,
+        None => Some(image_rule),
+    };
+    for (level, rule) in [("image", Some(image_rule)), ("pixel", pixel_rule)] {
+        let Some(rule) = rule else { continue };
+        if rule.is_nfa() && !provides_nfa {
+            bail!(
+                "--{}threshold {rule}: an NFA threshold needs a method that computes an NFA (acontrario, uflow); \
+                 '{}' does not",
+                if level == "pixel" { "pixel-" } else { "" },
+                spec.name
+            );
+        }
+        if rule.needs_labels() && opts.val_anomalous.is_empty() {
+            bail!("an F1-optimal {level} threshold needs labelled anomalous validation images (--val-anomalous)");
+        }
+        if rule.needs_labels() && level == "pixel" && !labelled_masks {
+            bail!(
+                "a pixel-level F1 threshold needs a mask for every anomalous validation image (--val-masks)"
+            );
+        }
+        if rule.needs_normal_scores() && !opts.fit_on_all {
+            let held = validation_split(&vec![PathBuf::new(); n_train], opts.val_fraction, opts.seed).1.len();
+            if held == 0 {
+                bail!(
+                    "the {level} threshold {rule} needs scores of held-out normal images, but none are held out \
+                     ({n_train} training image(s), --val-fraction {}): use --fit-on-all to take them from the \
+                     training images themselves, or a threshold that needs none (fixed:V, nfa:K)",
+                    opts.val_fraction
+                );
+            }
+        }
+    }
+    Ok(Plan { image_rule, pixel_rule })
+}
+
+/// Fits a method on normal images and sets its thresholds. Options are checked before any image
+/// is scored or any network trained.
+pub fn fit(
+    spec: &MethodSpec,
+    train_paths: Vec<PathBuf>,
+    pipeline: &PipelineOptions,
+    opts: FitOptions,
+) -> Result<Model> {
+    let mut pipeline = Pipeline::new(pipeline)?;
+    let mut detector = spec.build()?;
+    let needs_training = spec.needs_training();
+    if needs_training && train_paths.is_empty() {
+        bail!("method {} learns from normal images: give --train <folder>", spec.label());
+    }
+    let own = detector.default_threshold().as_ref().and_then(ThresholdRule::of_kind);
+    let plan = plan(spec, own.is_some_and(|r| r.is_nfa()), own, &pipeline, &opts, train_paths.len())?;
+    if let Some(first) = train_paths.first() {
+        let image = vigil_data::io::load_image(first)?;
+        pipeline.check_size(image.width, image.height, &first.display().to_string())?;
+        pipeline.record_training_image(&image);
+    }
+
+    let (fit_paths, held_out) = if opts.fit_on_all {
+        (train_paths.clone(), Vec::new())
+    } else {
+        validation_split(&train_paths, opts.val_fraction, opts.seed)
+    };
+    let n_fit = fit_paths.len();
+    let start = Instant::now();
+    if needs_training {
+        let source = pipeline.source(fit_paths.clone(), detector.channel_mode())?;
+        // The context grows with new needs (e.g. checkpoint fingerprints); later fields keep their defaults.
+        #[allow(clippy::needless_update)]
+        let ctx = FitContext {
+            seed: opts.seed,
+            checkpoint_dir: opts.checkpoint_dir.clone(),
+            show_progress: true,
+            ..Default::default()
+        };
+        detector.fit(source.as_ref(), &ctx)?;
+    }
+    let fit_seconds = start.elapsed().as_secs_f64();
+
+    // Validation: held-out normals (or, fitting on all, the training images themselves), then any
+    // labelled anomalous images.
+    let normal_paths = if opts.fit_on_all && plan_needs_scores(&plan) { fit_paths } else { held_out };
+    let items: Vec<Item> = normal_paths
+        .iter()
+        .map(|path| Item {
+            path: path.clone(),
+            name: String::new(),
+            label: Some(false),
+            kind: "good".into(),
+            mask: None,
+        })
+        .chain(opts.val_anomalous.iter().cloned())
+        .collect();
+    let mut image_val = ValidationScores::default();
+    let mut pixel_val = ValidationScores::default();
+    let skipped =
+        score_items(detector.as_ref(), &pipeline, &items, LoopOptions::default(), "validation", |event| {
+            let Event::Scored(s) = event else { return Ok(()) };
+            let label = s.item.label == Some(true);
+            image_val.push(s.scored.image_score as f64, label);
+            if let Some(truth) = &s.truth {
+                for (&v, &l) in s.scored.map.data.iter().zip(&truth.data) {
+                    pixel_val.push(v as f64, l);
+                }
+            }
+            Ok(())
+        })?;
+    if opts.fit_on_all && plan_needs_scores(&plan) {
+        crate::warn(
+            "--fit-on-all: the thresholds come from the training images' own scores, which are lower than \
+             those of unseen normal images; expect more false alarms than the threshold suggests",
+        );
+    }
+
+    let image_t = compute(plan.image_rule, ThresholdLevel::Image, &image_val)?;
+    let pixel_t = match plan.pixel_rule {
+        Some(rule) => compute(rule, ThresholdLevel::Pixel, &pixel_val)?,
+        None => Threshold { level: ThresholdLevel::Pixel, ..image_t.clone() },
+    };
+    let weights = detector.weights_files();
+    Ok(Model {
+        method: spec.name.clone(),
+        settings: spec.settings.clone(),
+        detector,
+        pipeline,
+        image_threshold: image_t,
+        pixel_threshold: pixel_t,
+        fit_info: serde_json::json!({
+            "train_images": if needs_training { n_fit } else { 0 },
+            "validation_images": image_val.scores.len(),
+            "validation_skipped": skipped,
+            "fit_on_all": opts.fit_on_all,
+            "seed": opts.seed,
+            "fit_seconds": fit_seconds,
+        }),
+        weights,
+    })
+}
+
+fn plan_needs_scores(plan: &Plan) -> bool {
+    plan.image_rule.needs_normal_scores() || plan.pixel_rule.is_some_and(|r| r.needs_normal_scores())
+}
+
+fn compute(rule: ThresholdRule, level: ThresholdLevel, val: &ValidationScores) -> Result<Threshold> {
+    if rule.is_statistical() && val.normal_count() < FEW_SCORES {
+        crate::warn(format!(
+            "the {level:?} threshold {rule} comes from only {} normal score(s): it is unreliable below {FEW_SCORES}; \
+             hold out more images (--val-fraction) or use max",
+            val.normal_count()
+        ));
+    }
+    rule.compute(level, &val.scores, &val.labels).with_context(|| format!("{level:?} threshold"))
+}
+
+impl Model {
+    /// Seconds the method took to learn (without validation).
+    pub fn fit_seconds(&self) -> f64 {
+        self.fit_info["fit_seconds"].as_f64().unwrap_or(0.0)
+    }
+}

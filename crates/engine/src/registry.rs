@@ -1,0 +1,287 @@
+//! The method registry: every method vigil knows, how to build it from settings and how to load it
+//! from a model file. Adding a method = one `impl Method` and one `entry` line here, plus its crate
+//! under `methods/`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use vigil_core::{Detector, TensorBag};
+
+/// What the registry needs of a method's detector type.
+pub trait Method: Detector + Sized + 'static {
+    type Settings: Serialize + DeserializeOwned;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self>;
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self>;
+    /// Does `fit` learn anything with these settings? A method that learns nothing needs no
+    /// training images.
+    fn learns(_settings: &Self::Settings) -> bool {
+        true
+    }
+}
+
+impl Method for vigil_acontrario::AcontrarioDetector {
+    type Settings = vigil_acontrario::AcontrarioSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Ok(Self::new(settings))
+    }
+    fn learns(settings: &Self::Settings) -> bool {
+        settings.statistics != vigil_acontrario::Statistics::TestImage
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_uflow::UflowDetector {
+    type Settings = vigil_uflow::UflowSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Ok(Self::new(settings))
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_patchcore::PatchcoreDetector {
+    type Settings = vigil_patchcore::PatchcoreSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_padim::PadimDetector {
+    type Settings = vigil_padim::PadimSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_draem::DraemDetector {
+    type Settings = vigil_draem::DraemSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+pub struct MethodEntry {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub default_settings: Value,
+    pub build: fn(&Value) -> Result<Box<dyn Detector>>,
+    pub load: fn(&Value, &TensorBag) -> Result<Box<dyn Detector>>,
+    pub learns: fn(&Value) -> bool,
+}
+
+fn build_as<M: Method>(settings: &Value) -> Result<Box<dyn Detector>> {
+    let settings: M::Settings = serde_json::from_value(settings.clone())?;
+    Ok(Box::new(M::build(settings)?))
+}
+
+fn learns_as<M: Method>(settings: &Value) -> bool {
+    serde_json::from_value::<M::Settings>(settings.clone()).is_ok_and(|s| M::learns(&s))
+}
+
+fn load_as<M: Method>(settings: &Value, state: &TensorBag) -> Result<Box<dyn Detector>> {
+    Ok(Box::new(M::load(settings, state)?))
+}
+
+/// The one generic registry entry of a method.
+fn entry<M: Method>(name: &'static str, summary: &'static str, defaults: M::Settings) -> MethodEntry {
+    MethodEntry {
+        name,
+        summary,
+        default_settings: serde_json::to_value(defaults).expect("settings serialise"),
+        build: build_as::<M>,
+        load: load_as::<M>,
+        learns: learns_as::<M>,
+    }
+}
+
+pub fn registry() -> Vec<MethodEntry> {
+    use vigil_draem::{DraemDetector, DraemSettings, Variant};
+    vec![
+        entry::<vigil_acontrario::AcontrarioDetector>(
+            "acontrario",
+            "A contrario multi-scale detector (thesis ch. 3): Patch-PCA or Gabor features, Mahalanobis distance, \
+             number of false alarms; threshold NFA <= 1 needs no labelled anomaly.",
+            Default::default(),
+        ),
+        entry::<vigil_uflow::UflowDetector>(
+            "uflow",
+            "U-Flow (thesis ch. 5): U-shaped normalizing flow on multi-scale pretrained features; a contrario \
+             segmentation on the max-tree of the latent, so NFA <= 1 is the threshold.",
+            Default::default(),
+        ),
+        entry::<vigil_patchcore::PatchcoreDetector>(
+            "patchcore",
+            "PatchCore: locally aware patch features of a pretrained backbone, greedy coreset memory bank \
+             (streamed, memory-bounded, optional f16), nearest-neighbour distance, re-weighted image score.",
+            Default::default(),
+        ),
+        entry::<vigil_padim::PadimDetector>(
+            "padim",
+            "PaDiM: per-position Gaussian of multi-layer pretrained features (streamed mean/covariance, random \
+             channel subset), Mahalanobis distance map.",
+            Default::default(),
+        ),
+        entry::<DraemDetector>(
+            "draem",
+            "DRAEM: reconstructive auto-encoder + discriminative U-Net trained on synthetic anomalies (Perlin \
+             masks, texture source, cutout). Default: the CPU preset (64 px, narrow widths, 400 steps).",
+            DraemSettings::cpu(Variant::Draem),
+        ),
+        entry::<DraemDetector>(
+            "draem-unetpp",
+            "DRAEM with a Nested U-Net (UNet++) reconstructive sub-network (seed 000). Default: CPU preset.",
+            DraemSettings::cpu(Variant::Unetpp),
+        ),
+    ]
+}
+
+pub fn find(name: &str) -> Result<MethodEntry> {
+    let names: Vec<&str> = registry().iter().map(|m| m.name).collect();
+    registry()
+        .into_iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| anyhow!("unknown method '{name}'; known methods: {}", names.join(", ")))
+}
+
+/// A method spec `name[:key=value,...]` plus extra `key=value` parameters.
+#[derive(Clone, Debug)]
+pub struct MethodSpec {
+    pub name: String,
+    pub settings: Value,
+}
+
+impl MethodSpec {
+    pub fn parse(spec: &str, extra: &[String]) -> Result<MethodSpec> {
+        let (name, inline) = match spec.split_once(':') {
+            Some((n, rest)) => (n.trim(), rest),
+            None => (spec.trim(), ""),
+        };
+        let entry = find(name)?;
+        let mut settings = entry.default_settings.clone();
+        let pairs = split_top_level(inline).into_iter().filter(|p| !p.trim().is_empty());
+        for pair in pairs.chain(extra.iter().cloned()) {
+            let (key, value) =
+                pair.split_once('=').ok_or_else(|| anyhow!("method parameter '{pair}' is not key=value"))?;
+            set_path(&mut settings, key.trim(), parse_value(value.trim()), name)?;
+        }
+        // Round-trip through the settings type so a mistyped value is caught now, with its name.
+        (entry.build)(&settings).with_context(|| format!("invalid settings for method '{name}'"))?;
+        Ok(MethodSpec { name: name.to_string(), settings })
+    }
+
+    /// A short label for tables: the name plus the parameters that differ from the defaults.
+    pub fn label(&self) -> String {
+        let defaults = find(&self.name).map(|e| e.default_settings).unwrap_or(Value::Null);
+        let mut diffs = Vec::new();
+        diff_settings("", &defaults, &self.settings, &mut diffs);
+        if diffs.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}({})", self.name, diffs.join(","))
+        }
+    }
+
+    /// Does the method learn from training images with these settings?
+    pub fn needs_training(&self) -> bool {
+        find(&self.name).is_ok_and(|e| (e.learns)(&self.settings))
+    }
+
+    pub fn build(&self) -> Result<Box<dyn Detector>> {
+        (find(&self.name)?.build)(&self.settings)
+    }
+}
+
+fn diff_settings(prefix: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, vb) in b {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match a.get(k) {
+                    Some(va) => diff_settings(&key, va, vb, out),
+                    None => out.push(format!("{key}={vb}")),
+                }
+            }
+        }
+        _ if a != b => out.push(format!("{prefix}={}", b.to_string().trim_matches('"'))),
+        _ => {}
+    }
+}
+
+/// Split `a=1,b=[x,y],c="p,q"` at the commas that are not inside brackets or quotes.
+fn split_top_level(text: &str) -> Vec<String> {
+    let (mut parts, mut current, mut depth, mut quoted) = (Vec::new(), String::new(), 0i32, false);
+    for c in text.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '[' | '{' if !quoted => depth += 1,
+            ']' | '}' if !quoted => depth -= 1,
+            ',' if !quoted && depth == 0 => {
+                parts.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    parts.push(current);
+    parts
+}
+
+fn parse_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// Set `a.b.c = value`, refusing keys the method does not have (a typo must not pass silently).
+fn set_path(settings: &mut Value, key: &str, value: Value, method: &str) -> Result<()> {
+    let mut node = settings;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let Value::Object(map) = node else { bail!("setting '{key}' of method '{method}' is not a table") };
+        let known: Vec<String> = map.keys().cloned().collect();
+        let Some(child) = map.get_mut(*part) else {
+            bail!("method '{method}' has no setting '{key}'; its settings are: {}", known.join(", "))
+        };
+        if i + 1 == parts.len() {
+            *child = value;
+            return Ok(());
+        }
+        node = child;
+    }
+    Ok(())
+}
+
+pub fn load(name: &str, settings: &Value, state: &TensorBag) -> Result<Box<dyn Detector>> {
+    (find(name)?.load)(settings, state).with_context(|| format!("cannot load the '{name}' model"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_settings_may_hold_lists() {
+        assert_eq!(split_top_level(r#"a=1,layers=["x","y"],b=2"#), vec!["a=1", r#"layers=["x","y"]"#, "b=2"]);
+        let spec = MethodSpec::parse("acontrario:feature=gabor,gabor_sizes=[7,15],scales=2", &[]).unwrap();
+        assert_eq!(spec.settings["gabor_sizes"], serde_json::json!([7, 15]));
+        assert_eq!(spec.label(), "acontrario(feature=gabor,gabor_sizes=[7,15],scales=2)");
+    }
+
+    #[test]
+    fn unknown_setting_is_named() {
+        let err = MethodSpec::parse("acontrario:featur=gabor", &[]).err().unwrap().to_string();
+        assert!(err.contains("featur"), "{err}");
+    }
+}
