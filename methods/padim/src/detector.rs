@@ -13,7 +13,7 @@ use vigil_core::{
     ScoreOutput, TensorBag, VigilError,
 };
 
-use crate::gaussian::{mahalanobis, GaussianAccumulator};
+use crate::gaussian::{mahalanobis, pack_precision, packed_len, unpack_precision, GaussianAccumulator};
 
 const MEAN_TENSOR: &str = "mean";
 const INV_COV_TENSOR: &str = "inv_covariance";
@@ -97,7 +97,8 @@ struct Gaussians {
     height: usize,
     channel_index: Vec<usize>,
     mean: Vec<f32>,
-    inv_cov: Vec<f32>,
+    /// Per position, the inverse covariance packed by [`pack_precision`] (stored full).
+    precision: Vec<f32>,
     /// Positions with a Gaussian; the others were ignored in every training image.
     sampled: Vec<bool>,
 }
@@ -177,7 +178,8 @@ impl PadimDetector {
         } else {
             vec![true; width * height]
         };
-        detector.fitted = Some(Gaussians { width, height, channel_index, mean, inv_cov, sampled });
+        let precision = pack_all(&inv_cov, d);
+        detector.fitted = Some(Gaussians { width, height, channel_index, mean, precision, sampled });
         Ok(detector)
     }
 
@@ -235,6 +237,11 @@ fn concat_planes(maps: &[FeatureMap], w: usize, h: usize) -> Vec<Vec<f32>> {
     planes
 }
 
+/// Every position's `d`×`d` inverse covariance packed for scoring.
+fn pack_all(inv_cov: &[f32], d: usize) -> Vec<f32> {
+    inv_cov.par_chunks(d * d).flat_map_iter(|a| pack_precision(a, d)).collect()
+}
+
 /// Which positions of a `width`×`height` feature grid an ignore mask leaves in: a position is
 /// ignored when the image pixel at its centre is (nearest sampling with half-pixel centres, so
 /// position (i, j) reads pixel (⌊(i + ½)·W/width⌋, ⌊(j + ½)·H/height⌋)).
@@ -245,6 +252,10 @@ fn kept_cells(ignore: Option<&Mask>, width: usize, height: usize) -> Option<Vec<
 impl Detector for PadimDetector {
     fn method(&self) -> &'static str {
         "padim"
+    }
+
+    fn weights_files(&self) -> Vec<vigil_core::WeightsFile> {
+        self.backbone.weights_file().cloned().into_iter().collect()
     }
 
     fn channel_mode(&self) -> ChannelMode {
@@ -289,7 +300,8 @@ impl Detector for PadimDetector {
         }
         let (gauss, width, height) = acc.expect("at least one batch was processed");
         let (mean, inv_cov, sampled) = gauss.finish(self.settings.eps)?;
-        self.fitted = Some(Gaussians { width, height, channel_index, mean, inv_cov, sampled });
+        let precision = pack_all(&inv_cov, d);
+        self.fitted = Some(Gaussians { width, height, channel_index, mean, precision, sampled });
         Ok(())
     }
 
@@ -319,7 +331,7 @@ impl Detector for PadimDetector {
                     mahalanobis(
                         &emb[p * d..(p + 1) * d],
                         &g.mean[p * d..(p + 1) * d],
-                        &g.inv_cov[p * d * d..(p + 1) * d * d],
+                        &g.precision[p * packed_len(d)..(p + 1) * packed_len(d)],
                     )
                 })
             })
@@ -358,7 +370,8 @@ impl Detector for PadimDetector {
         let mut bag = TensorBag::new();
         bag.put_i64(CHANNELS_TENSOR, &[d], g.channel_index.iter().map(|&c| c as i64).collect());
         bag.put_f32(MEAN_TENSOR, &[g.height, g.width, d], g.mean.clone());
-        bag.put_f32(INV_COV_TENSOR, &[g.height, g.width, d, d], g.inv_cov.clone());
+        let inv_cov = g.precision.chunks_exact(packed_len(d)).flat_map(|p| unpack_precision(p, d)).collect();
+        bag.put_f32(INV_COV_TENSOR, &[g.height, g.width, d, d], inv_cov);
         bag.put_i64(SAMPLED_TENSOR, &[g.height, g.width], g.sampled.iter().map(|&s| s as i64).collect());
         Ok(bag)
     }
@@ -447,7 +460,7 @@ mod tests {
             cov[i * dim + i] += 0.01;
         }
         // stored inverse times the direct covariance is the identity
-        let inv = &g.inv_cov[p * dim * dim..(p + 1) * dim * dim];
+        let inv = &unpack_precision(&g.precision[p * packed_len(dim)..(p + 1) * packed_len(dim)], dim);
         for i in 0..dim {
             for j in 0..dim {
                 let v: f64 = (0..dim).map(|k| inv[i * dim + k] as f64 * cov[k * dim + j]).sum();
