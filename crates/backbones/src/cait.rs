@@ -16,7 +16,7 @@ use burn::tensor::module::{conv2d, interpolate, layer_norm, linear};
 use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use vigil_core::{Image, Result, TensorBag, VigilError};
+use vigil_core::{Image, Result, TensorBag, VigilError, WeightsFile};
 
 use crate::params::{self, Params, RandomParams, StateParams};
 use crate::{default_device, preprocess_images, split_batch, FeatureMap, IMAGENET_NORMALIZATION};
@@ -274,6 +274,8 @@ pub struct Cait {
     blocks: Vec<LayerScaleBlock>,
     norm: LayerNorm,
     device: Device,
+    /// The file the weights were read from, with its SHA-256 (None: random or in-memory weights).
+    weights_file: Option<WeightsFile>,
 }
 
 impl Cait {
@@ -286,7 +288,10 @@ impl Cait {
     pub fn load_on(config: &CaitConfig, weights: &Path, device: &Device) -> Result<Cait> {
         let state = params::read_checkpoint(weights)?;
         let prefix = state_prefix(&state);
-        Cait::build(config, &mut StateParams { bag: &state, origin: Some(weights) }, prefix, device)
+        let mut trunk =
+            Cait::build(config, &mut StateParams { bag: &state, origin: Some(weights) }, prefix, device)?;
+        trunk.weights_file = Some(WeightsFile::read(weights)?);
+        Ok(trunk)
     }
 
     /// Builds from an in-memory timm state dict.
@@ -347,7 +352,13 @@ impl Cait {
             blocks,
             norm,
             device: device.clone(),
+            weights_file: None,
         })
+    }
+
+    /// The weights file this trunk was loaded from and its SHA-256, for model files to record.
+    pub fn weights_file(&self) -> Option<&WeightsFile> {
+        self.weights_file.as_ref()
     }
 
     pub fn config(&self) -> &CaitConfig {
@@ -463,6 +474,11 @@ impl MsCait {
 
     pub fn device(&self) -> &Device {
         self.fine.device()
+    }
+
+    /// The weights files of both trunks (fine first) that were loaded from files.
+    pub fn weights_files(&self) -> Vec<WeightsFile> {
+        [&self.fine, &self.coarse].iter().filter_map(|t| t.weights_file().cloned()).collect()
     }
 
     /// Images as one ImageNet-normalised batch [N, 3, S, S] (same channel and resize rules as

@@ -76,7 +76,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use vigil_core::image::resize_plane_bilinear;
-use vigil_core::{Image, Result, TensorBag, VigilError};
+use vigil_core::{Image, Result, TensorBag, VigilError, WeightsFile};
 
 use crate::arch::Network;
 pub use crate::cait::{Cait, CaitConfig, MsCait, CAIT_M48_448, CAIT_S24_224};
@@ -212,6 +212,8 @@ pub struct Backbone {
     network: Arc<Network>,
     device: Device,
     engine: Engine,
+    /// The file the weights were read from, with its SHA-256 (None: random or in-memory weights).
+    weights_file: Option<WeightsFile>,
 }
 
 impl Backbone {
@@ -241,7 +243,10 @@ impl Backbone {
 
     pub fn load_on(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Backbone> {
         let state = params::read_checkpoint(weights)?;
-        Backbone::build(kind, &mut StateParams { bag: &state, origin: Some(weights) }, device)
+        let mut backbone =
+            Backbone::build(kind, &mut StateParams { bag: &state, origin: Some(weights) }, device)?;
+        backbone.weights_file = Some(WeightsFile::read(weights)?);
+        Ok(backbone)
     }
 
     /// Builds from an in-memory state dict with PyTorch names.
@@ -274,7 +279,13 @@ impl Backbone {
             network: Arc::new(network),
             device: device.clone(),
             engine: Engine::default_for(device),
+            weights_file: None,
         })
+    }
+
+    /// The weights file this backbone was loaded from and its SHA-256, for model files to record.
+    pub fn weights_file(&self) -> Option<&WeightsFile> {
+        self.weights_file.as_ref()
     }
 
     /// The same backbone run by another engine.

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::fingerprint::{DataFingerprint, ImageSetHasher, WeightsFile};
 use crate::{Image, Map, Mask, Result, TensorBag, ThresholdKind};
 
 /// What colour layout a method wants; the pipeline converts before calling it.
@@ -39,6 +40,20 @@ pub trait ImageSource: Sync {
     /// Pixels to leave out of the statistics (the "before" ignore mask), if any.
     fn ignore_mask(&self, _index: usize) -> Option<Mask> {
         None
+    }
+    /// What this set is, for training checkpoints to check that a resumed fit sees the same
+    /// images. The default hashes every image as delivered; file sources hash the files instead.
+    fn fingerprint(&self) -> Result<DataFingerprint> {
+        let mut hasher = ImageSetHasher::default();
+        for i in 0..self.len() {
+            hasher.add(&self.load(i)?);
+        }
+        let origin = match self.len() {
+            0 => "an empty image set".to_string(),
+            1 => self.name(0),
+            n => format!("{} and {} more images", self.name(0), n - 1),
+        };
+        Ok(hasher.finish(origin))
     }
 }
 
@@ -113,6 +128,11 @@ pub trait Detector: Send + Sync {
     /// The threshold kind the method justifies by itself (NFA for a contrario methods).
     fn default_threshold(&self) -> Option<ThresholdKind> {
         None
+    }
+    /// The pretrained weights files the detector runs (as opened, with their SHA-256), so a
+    /// model file can record them and refuse other weights at load time.
+    fn weights_files(&self) -> Vec<WeightsFile> {
+        Vec::new()
     }
     /// For tiled scoring of one large image: a detector that scores its tiles with statistics
     /// taken from all of `tiles` (the tiles of that image), so neighbouring tiles agree. Only

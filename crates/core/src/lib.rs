@@ -3,6 +3,7 @@
 
 pub mod detector;
 pub mod error;
+pub mod fingerprint;
 pub mod image;
 pub mod map;
 pub mod mask;
@@ -15,6 +16,7 @@ pub mod threshold;
 
 pub use detector::{ChannelMode, Detector, FitContext, ImageSource, InMemorySource, ScoreOutput};
 pub use error::{Result, VigilError};
+pub use fingerprint::{DataFingerprint, WeightsFile};
 pub use image::Image;
 pub use map::{BlurBorder, Map};
 pub use mask::Mask;

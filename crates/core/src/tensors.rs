@@ -114,6 +114,26 @@ impl TensorBag {
         Ok(&self.get(name)?.shape)
     }
 
+    /// An error naming the first tensor holding NaN or infinity: learned state that can only
+    /// give meaningless scores (a diverged training, degenerate statistics).
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, t) in &self.tensors {
+            let bad = match &t.data {
+                TensorData::F32(v) => v.iter().position(|x| !x.is_finite()),
+                TensorData::F16(v) => v.iter().position(|x| !x.is_finite()),
+                TensorData::F64(v) => v.iter().position(|x| !x.is_finite()),
+                TensorData::I64(_) => None,
+            };
+            if let Some(i) = bad {
+                return Err(VigilError::Model(format!(
+                    "tensor '{name}' holds a non-finite value (NaN or infinity) at element {i} of {}",
+                    t.shape.iter().product::<usize>()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = self
             .tensors
@@ -183,5 +203,19 @@ mod tests {
         assert_eq!(back, bag);
         assert!(back.f32("a", Some(&[4])).is_err());
         assert!(back.get("missing").unwrap_err().to_string().contains("missing"));
+    }
+
+    #[test]
+    fn non_finite_values_are_named() {
+        let mut bag = TensorBag::new();
+        bag.put_f32("fine", &[2], vec![1.0, -2.0]);
+        bag.put_i64("count", &[1], vec![i64::MAX]);
+        bag.check_finite().unwrap();
+        bag.put_f64("var", &[3], vec![1.0, 2.0, f64::INFINITY]);
+        let err = bag.check_finite().unwrap_err().to_string();
+        assert!(err.contains("'var'") && err.contains("element 2"), "{err}");
+        let mut half_bag = TensorBag::new();
+        half_bag.put_f16("bank", &[1], vec![half::f16::NAN]);
+        assert!(half_bag.check_finite().is_err());
     }
 }

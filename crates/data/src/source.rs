@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use vigil_core::{ChannelMode, Image, ImageSource, Mask, Result, VigilError};
+use vigil_core::fingerprint::{sha256_file, sha256_hex};
+use vigil_core::{ChannelMode, DataFingerprint, Image, ImageSource, Mask, Result, VigilError};
 
 use crate::io::load_image;
 
@@ -155,6 +156,41 @@ impl ImageSource for FileSource {
     fn ignore_mask(&self, _index: usize) -> Option<Mask> {
         self.ignore.clone()
     }
+
+    /// The files' names (relative to their common folder), sizes and SHA-256, and the options
+    /// that change what a method sees (channels, resize, ignore mask); the origin is that folder.
+    fn fingerprint(&self) -> Result<DataFingerprint> {
+        let folder = common_folder(&self.paths);
+        let digests: Vec<String> = self.paths.par_iter().map(|p| sha256_file(p)).collect::<Result<_>>()?;
+        let mut manifest =
+            format!("channels {:?}\nresize {:?}\n", self.options.channel_mode, self.options.resize);
+        if let Some(mask) = &self.ignore {
+            let bits: Vec<u8> = mask.data.iter().map(|&b| b as u8).collect();
+            manifest += &format!("ignore {}x{} {}\n", mask.width, mask.height, sha256_hex(&bits));
+        }
+        for ((path, digest), size) in self.paths.iter().zip(&digests).zip(&self.file_sizes) {
+            let name = path.strip_prefix(&folder).unwrap_or(path);
+            manifest += &format!("{} {}x{} {digest}\n", name.display(), size.0, size.1);
+        }
+        Ok(DataFingerprint {
+            origin: folder.display().to_string(),
+            images: self.paths.len(),
+            sha256: sha256_hex(manifest.as_bytes()),
+        })
+    }
+}
+
+/// The deepest folder holding every path.
+fn common_folder(paths: &[PathBuf]) -> PathBuf {
+    let mut folder = paths[0].parent().map(Path::to_path_buf).unwrap_or_default();
+    for path in &paths[1..] {
+        while !path.starts_with(&folder) {
+            if !folder.pop() {
+                break;
+            }
+        }
+    }
+    folder
 }
 
 #[cfg(test)]
@@ -224,6 +260,37 @@ mod tests {
             SourceOptions { ignore: Some(Mask::empty(5, 4)), ..SourceOptions::new(ChannelMode::Gray) };
         let err = FileSource::open(&good, options).unwrap_err().to_string();
         assert!(err.contains("a.png") && err.contains("5x4"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_follows_file_content_names_and_options() {
+        let (dir, paths) = setup();
+        let good = vec![paths[0].clone(), paths[2].clone()];
+        let open = |mode| FileSource::open(&good, SourceOptions::new(mode)).unwrap().fingerprint().unwrap();
+        let first = open(ChannelMode::Rgb);
+        assert_eq!(first.origin, dir.path().display().to_string());
+        assert_eq!(first.images, 2);
+        assert!(first.same_data(&open(ChannelMode::Rgb)));
+        assert!(!first.same_data(&open(ChannelMode::Gray)));
+        // One pixel changed in one file: other data.
+        write_rgb8(&good[0], 6, 4, 11);
+        assert!(!first.same_data(&open(ChannelMode::Rgb)));
+        // The same files in another folder are the same data.
+        let copy = tempfile::tempdir().unwrap();
+        let moved: Vec<PathBuf> = good
+            .iter()
+            .map(|p| {
+                let to = copy.path().join(p.file_name().unwrap());
+                std::fs::copy(p, &to).unwrap();
+                to
+            })
+            .collect();
+        let here =
+            FileSource::open(&good, SourceOptions::new(ChannelMode::Rgb)).unwrap().fingerprint().unwrap();
+        let there =
+            FileSource::open(&moved, SourceOptions::new(ChannelMode::Rgb)).unwrap().fingerprint().unwrap();
+        assert!(here.same_data(&there) && here.origin != there.origin);
+        assert_eq!(common_folder(&[copy.path().join("a/x.png"), copy.path().join("b/y.png")]), copy.path());
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //! The loop owns no model: a [`TrainTask`] does one optimiser step at a time and snapshots its
 //! state. For an exact resume the task's randomness (data order, augmentation) must be a pure
 //! function of (seed, step), or its RNG position must travel in the checkpoint.
+//!
+//! Checkpoints record the fingerprint of the training set ([`LoopConfig::data`]) and a resume
+//! on other data is refused. A finished run leaves its final checkpoint in place: the same fit
+//! (same data, settings and seed, which the task checks) reuses it and says so; any other fit is
+//! refused, so a checkpoint folder never hands one data set's network to another.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use vigil_core::{Result, VigilError};
+use vigil_core::{DataFingerprint, Result, VigilError};
 
 use crate::checkpoint::Checkpoint;
 
@@ -39,6 +44,8 @@ pub struct LoopConfig {
     pub session_limit: Option<usize>,
     pub show_progress: bool,
     pub label: String,
+    /// The training set the checkpoints are for; a checkpoint of other data is not resumed.
+    pub data: Option<DataFingerprint>,
 }
 
 impl LoopConfig {
@@ -52,6 +59,7 @@ impl LoopConfig {
             session_limit: None,
             show_progress: false,
             label: label.to_string(),
+            data: None,
         }
     }
 }
@@ -71,7 +79,12 @@ pub struct LoopOutcome {
     /// Whether every step up to `total_steps` ran (or early stopping ended training).
     pub finished: bool,
     pub state: LoopState,
+    /// The step the run resumed from, when it started from a checkpoint.
+    pub resumed_from: Option<usize>,
 }
+
+/// Where the checkpoint's training data is kept in its `meta`.
+const DATA_KEY: &str = "data";
 
 fn write_checkpoint(
     task: &dyn TrainTask,
@@ -86,7 +99,39 @@ fn write_checkpoint(
         ck.meta = serde_json::json!({});
     }
     ck.meta["loop"] = serde_json::to_value(state).map_err(|e| VigilError::Model(e.to_string()))?;
+    ck.meta[DATA_KEY] = serde_json::to_value(&cfg.data).map_err(|e| VigilError::Model(e.to_string()))?;
     ck.write(path)
+}
+
+/// Refuses a checkpoint written for another training set, naming both.
+fn check_same_data(ck: &Checkpoint, cfg: &LoopConfig) -> Result<()> {
+    let recorded: Option<DataFingerprint> = match ck.meta.get(DATA_KEY) {
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| VigilError::Model(format!("checkpoint training-data record: {e}")))?,
+        None => None,
+    };
+    let problem = match (&recorded, &cfg.data) {
+        (None, None) => return Ok(()),
+        (Some(a), Some(b)) if a.same_data(b) => return Ok(()),
+        (Some(a), Some(b)) => format!("was written while training on {a}, but this fit trains on {b}"),
+        (None, Some(b)) => {
+            format!(
+                "does not record its training data (an older vigil wrote it), so it cannot be resumed on {b}"
+            )
+        }
+        (Some(a), None) => {
+            format!("was written while training on {a}; this fit's training data is not known")
+        }
+    };
+    let advice = "delete it, or give each data set its own checkpoint folder";
+    Err(match &cfg.checkpoint_path {
+        Some(path) => VigilError::file(path, format!("{problem}; {advice}")),
+        None => VigilError::Config(format!("the checkpoint {problem}; {advice}")),
+    })
+}
+
+fn describe_path(cfg: &LoopConfig) -> String {
+    cfg.checkpoint_path.as_ref().map_or_else(|| "the checkpoint".to_string(), |p| p.display().to_string())
 }
 
 /// Train from step 0, or from `resume` (whose weights and optimiser state the task has already
@@ -98,7 +143,8 @@ pub fn run_training(
 ) -> Result<LoopOutcome> {
     let (mut steps_done, mut state) = match resume {
         Some(ck) => {
-            let state = match ck.meta.get("loop") {
+            check_same_data(ck, cfg)?;
+            let state: LoopState = match ck.meta.get("loop") {
                 Some(v) => serde_json::from_value(v.clone())
                     .map_err(|e| VigilError::Model(format!("checkpoint loop state: {e}")))?,
                 None => LoopState::default(),
@@ -112,6 +158,19 @@ pub fn run_training(
             "the checkpoint is at step {steps_done}, beyond the {} steps configured",
             cfg.total_steps
         )));
+    }
+    let resumed_from = resume.map(|ck| ck.step);
+    if resume.is_some() {
+        let (path, total) = (describe_path(cfg), cfg.total_steps);
+        if steps_done >= total || state.stopped_early {
+            eprintln!(
+                "{}: {path} holds a finished training ({steps_done} of {total} steps) on the same data, \
+                 settings and seed; using its weights (delete it to train again)",
+                cfg.label
+            );
+        } else {
+            eprintln!("{}: resuming from step {steps_done} of {total} ({path})", cfg.label);
+        }
     }
     let end = cfg.session_limit.map_or(cfg.total_steps, |l| l.min(cfg.total_steps));
     let bar = if cfg.show_progress {
@@ -151,10 +210,21 @@ pub fn run_training(
     }
     bar.finish_and_clear();
     let finished = steps_done >= cfg.total_steps || state.stopped_early;
-    if !finished && (cfg.checkpoint_every == 0 || steps_done % cfg.checkpoint_every != 0) {
+    let trained_now = resumed_from != Some(steps_done);
+    let written_last_step = cfg.checkpoint_every > 0 && steps_done % cfg.checkpoint_every == 0;
+    if trained_now && !written_last_step {
         write_checkpoint(task, cfg, steps_done, &state)?;
     }
-    Ok(LoopOutcome { steps_done, finished, state })
+    if finished && trained_now && cfg.checkpoint_path.is_some() {
+        eprintln!(
+            "{}: training finished at step {steps_done} of {}; {} now holds the finished run (the same \
+             fit reuses it, a fit on other data, settings or seed refuses it)",
+            cfg.label,
+            cfg.total_steps,
+            describe_path(cfg)
+        );
+    }
+    Ok(LoopOutcome { steps_done, finished, state, resumed_from })
 }
 
 #[cfg(test)]
@@ -235,5 +305,51 @@ mod tests {
         let out3 = run_training(&mut whole, &cfg, None).unwrap();
         assert_eq!(resumed.w.to_bits(), whole.w.to_bits());
         assert_eq!(out2.state.losses, out3.state.losses);
+        assert_eq!((out2.resumed_from, out3.resumed_from), (Some(7), None));
+    }
+
+    fn fingerprint(origin: &str, sha256: &str) -> DataFingerprint {
+        DataFingerprint { origin: origin.into(), images: 3, sha256: sha256.into() }
+    }
+
+    #[test]
+    fn checkpoint_of_other_data_is_refused_and_a_finished_one_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.ckpt");
+        let mut cfg = LoopConfig::new(6, "q");
+        cfg.checkpoint_path = Some(path.clone());
+        cfg.checkpoint_every = 4;
+        cfg.data = Some(fingerprint("data/class-a/train", "aaaa"));
+        let mut first = Quadratic { w: 0.0, validations: vec![] };
+        let out = run_training(&mut first, &cfg, None).unwrap();
+        assert!(out.finished);
+        // The finished run is on disk (step 6, not the periodic step 4) with its data.
+        let ck = Checkpoint::read_if_exists(&path).unwrap().unwrap();
+        assert_eq!(ck.step, 6);
+
+        // The same data elsewhere (same digest) reuses it without a step.
+        let mut same = cfg.clone();
+        same.data = Some(fingerprint("copy/of/class-a", "aaaa"));
+        let mut task = Quadratic { w: ck.weights.f32("w", None).unwrap()[0], validations: vec![] };
+        let again = run_training(&mut task, &same, Some(&ck)).unwrap();
+        assert_eq!((again.steps_done, again.resumed_from), (6, Some(6)));
+        assert_eq!(task.w.to_bits(), first.w.to_bits());
+
+        // Another data set, or none recorded, is refused with both sets and the file named.
+        let mut other = cfg.clone();
+        other.data = Some(fingerprint("data/class-b/train", "bbbb"));
+        let err = run_training(&mut Quadratic { w: 0.0, validations: vec![] }, &other, Some(&ck))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("q.ckpt")
+                && err.contains("data/class-a/train")
+                && err.contains("data/class-b/train"),
+            "{err}"
+        );
+        let mut old = ck.clone();
+        old.meta.as_object_mut().unwrap().remove(DATA_KEY);
+        let err = run_training(&mut Quadratic { w: 0.0, validations: vec![] }, &cfg, Some(&old)).unwrap_err();
+        assert!(err.to_string().contains("does not record its training data"), "{err}");
     }
 }

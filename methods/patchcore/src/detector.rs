@@ -278,6 +278,10 @@ impl Detector for PatchcoreDetector {
         "patchcore"
     }
 
+    fn weights_files(&self) -> Vec<vigil_core::WeightsFile> {
+        self.backbone.weights_file().cloned().into_iter().collect()
+    }
+
     fn channel_mode(&self) -> ChannelMode {
         ChannelMode::Rgb
     }
