@@ -163,7 +163,9 @@ fn main() -> Result<()> {
     } else {
         let mut all: Vec<String> = std::fs::read_dir(&root)
             .map_err(|e| VigilError::file(&root, e.to_string()))?
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("train/good").is_dir())
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
             .collect();
         all.sort();
         all
