@@ -24,7 +24,7 @@ pub use burn;
 pub use checkpoint::{optimizer_bytes, restore_optimizer, Checkpoint, RngState};
 pub use device::{default_device, training_device};
 pub use init::{init_normal, stable_param_ids};
-pub use loss::{focal_loss, l1_loss, l2_loss, ssim, ssim_loss};
+pub use loss::{focal_loss, focal_loss_map, l1_loss, l2_loss, ssim, ssim_loss};
 pub use optim::{adam, adamw, OptimizerSettings};
 pub use schedule::LrSchedule;
 pub use state::{load_module, module_to_bag, tensor_from_vec, tensor_to_vec};

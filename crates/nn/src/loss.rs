@@ -76,6 +76,12 @@ pub fn l1_loss<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<1> {
 /// As DRAEM's reference: the one-hot target is clamped to [smooth, 1 - smooth] with
 /// smooth = 1e-5, `pt = <onehot, softmax> + smooth` and the loss is `-(1 - pt)^gamma log pt`.
 pub fn focal_loss(logits: Tensor<4>, target: Tensor<4>, gamma: f32) -> Tensor<1> {
+    focal_loss_map(logits, target, gamma).mean()
+}
+
+/// The per-pixel terms `[N, 1, H, W]` of [`focal_loss`], for losses that weight pixels (DRAEM
+/// leaves ignored pixels out).
+pub fn focal_loss_map(logits: Tensor<4>, target: Tensor<4>, gamma: f32) -> Tensor<4> {
     const SMOOTH: f32 = 1e-5;
     let probs = softmax(logits, 1);
     let p_normal = probs.clone().narrow(1, 0, 1);
@@ -84,7 +90,7 @@ pub fn focal_loss(logits: Tensor<4>, target: Tensor<4>, gamma: f32) -> Tensor<1>
     let t_normal = t_anomal.clone().neg().add_scalar(1.0).clamp(SMOOTH, 1.0 - SMOOTH);
     let pt = (t_normal * p_normal + t_anomal * p_anomal).add_scalar(SMOOTH);
     let weight = pt.clone().neg().add_scalar(1.0).powf_scalar(gamma);
-    (weight * pt.log()).neg().mean()
+    (weight * pt.log()).neg()
 }
 
 #[cfg(test)]

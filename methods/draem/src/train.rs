@@ -4,14 +4,15 @@ use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use rand::Rng;
 use rayon::prelude::*;
-use vigil_core::{FitContext, Image, ImageSource, Result, VigilError};
+use vigil_core::{DataFingerprint, FitContext, Image, ImageSource, Mask, Result, VigilError};
 use vigil_nn::checkpoint::{optimizer_bytes, restore_optimizer};
 use vigil_nn::{
-    focal_loss, init_normal, l2_loss, load_module, module_to_bag, run_training, ssim_loss, stable_param_ids,
-    tensor_from_vec, training_device, Checkpoint, LoopConfig, LrSchedule, OptimizerSettings, TrainTask,
+    focal_loss, focal_loss_map, init_normal, l2_loss, load_module, module_to_bag, run_training, ssim,
+    ssim_loss, stable_param_ids, tensor_from_vec, training_device, Checkpoint, LoopConfig, LrSchedule,
+    OptimizerSettings, TrainTask,
 };
 use vigil_synth::{SynthConfig, Synthesizer};
 
@@ -27,20 +28,62 @@ const ORDER_KEY: u64 = 0x6f72_6465_725f_6b79;
 /// DCGAN-style init as the official DRAEM (`weights_init`): N(0, 0.02) kernels.
 const INIT_STD: f32 = 0.02;
 
+/// DRAEM's focal loss exponent.
+const FOCAL_GAMMA: f32 = 2.0;
+
+/// The joint loss L2 + w (1 - SSIM) + focal of one batch. With `keep` (`[N, 1, H, W]`, 1 where a
+/// pixel counts, 0 where it is ignored) each term is the mean over the kept pixels only; without
+/// it, the official plain means.
+fn joint_loss(
+    rec: Tensor<4>,
+    clean: Tensor<4>,
+    logits: Tensor<4>,
+    target: Tensor<4>,
+    keep: Option<Tensor<4>>,
+    ssim_weight: f64,
+) -> Tensor<1> {
+    let Some(keep) = keep else {
+        return l2_loss(rec.clone(), clean.clone())
+            + ssim_loss(rec, clean).mul_scalar(ssim_weight)
+            + focal_loss(logits, target, FOCAL_GAMMA);
+    };
+    let [_, channels, _, _] = rec.dims();
+    let kept = keep.clone().sum().clamp_min(1.0);
+    let kept_values = kept.clone().mul_scalar(channels as f32);
+    let keep_channels = keep.clone().repeat_dim(1, channels);
+    let diff = rec.clone() - clean.clone();
+    let l2 = (diff.clone() * diff * keep_channels.clone()).sum() / kept_values.clone();
+    let structure = (ssim(rec, clean) * keep_channels).sum() / kept_values;
+    let focal = (focal_loss_map(logits, target, FOCAL_GAMMA) * keep).sum() / kept;
+    l2 + structure.neg().add_scalar(1.0).mul_scalar(ssim_weight) + focal
+}
+
+/// 1 where the pixel of the network-sized image counts, 0 where `ignore` marks it (nearest
+/// resampling to `size` x `size`).
+pub(crate) fn keep_weights(ignore: &Mask, size: usize) -> Vec<f32> {
+    ignore.resize_nearest(size, size).data.iter().map(|&ignored| if ignored { 0.0 } else { 1.0 }).collect()
+}
+
 struct DraemTask<'a, R: Reconstructor> {
     net: Option<DraemNet<R>>,
     optimizer: ModuleOptimizer,
     schedule: LrSchedule,
     images: &'a [Image],
+    /// Per training image, the pixels its losses count (see [`joint_loss`]); `None` when no
+    /// image has an ignore mask.
+    keep: Option<&'a [Vec<f32>]>,
     synth: &'a Synthesizer,
     settings: &'a DraemSettings,
     seed: u64,
     device: Device,
 }
 
+/// One batch: corrupted inputs, clean targets, anomaly masks and (with ignore masks) the kept pixels.
+type Batch = (Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
 impl<R: Reconstructor> DraemTask<'_, R> {
-    /// Batch `step`: inputs, clean targets and masks, a pure function of (seed, step).
-    fn batch(&self, step: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    /// Batch `step`, a pure function of (seed, step).
+    fn batch(&self, step: usize) -> Result<Batch> {
         let b = self.settings.batch;
         let samples: Vec<(vigil_synth::SyntheticSample, usize)> = (0..b)
             .into_par_iter()
@@ -51,26 +94,30 @@ impl<R: Reconstructor> DraemTask<'_, R> {
             })
             .collect::<Result<_>>()?;
         let (mut x, mut clean, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        let mut keep = self.keep.map(|_| Vec::new());
         for (sample, pick) in samples {
             x.extend_from_slice(&sample.image.data);
             clean.extend_from_slice(&self.images[pick].data);
             mask.extend_from_slice(&sample.mask);
+            if let (Some(keep), Some(per_image)) = (keep.as_mut(), self.keep) {
+                keep.extend_from_slice(&per_image[pick]);
+            }
         }
-        Ok((x, clean, mask))
+        Ok((x, clean, mask, keep))
     }
 }
 
 impl<R: Reconstructor> TrainTask for DraemTask<'_, R> {
     fn step(&mut self, step: usize) -> Result<f32> {
         let (b, s) = (self.settings.batch, self.settings.image_size);
-        let (x, clean, mask) = self.batch(step)?;
+        let (x, clean, mask, keep) = self.batch(step)?;
         let x = tensor_from_vec(x, [b, 3, s, s], &self.device);
         let clean = tensor_from_vec(clean, [b, 3, s, s], &self.device);
         let mask = tensor_from_vec(mask, [b, 1, s, s], &self.device);
+        let keep = keep.map(|k| tensor_from_vec(k, [b, 1, s, s], &self.device));
         let net = self.net.take().expect("network present between steps");
         let (rec, logits) = net.forward(x);
-        let loss =
-            l2_loss(rec.clone(), clean.clone()) + ssim_loss(rec, clean) + focal_loss(logits, mask, 2.0);
+        let loss = joint_loss(rec, clean, logits, mask, keep, self.settings.ssim_weight);
         let value: f32 = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         self.net = Some(self.optimizer.step(self.schedule.lr_at(step), net, grads));
@@ -91,17 +138,40 @@ impl<R: Reconstructor> TrainTask for DraemTask<'_, R> {
     }
 }
 
-fn load_images(train: &dyn ImageSource, size: usize) -> Result<Vec<Image>> {
+/// Per training image, 1 for each network-sized pixel its losses count, 0 where it is ignored.
+type KeptPixels = Vec<Vec<f32>>;
+
+/// The training images at the network size, and per image the pixels its losses count when
+/// any image has an ignore mask.
+fn load_images(train: &dyn ImageSource, size: usize) -> Result<(Vec<Image>, Option<KeptPixels>)> {
     if train.is_empty() {
         return Err(VigilError::invalid("DRAEM needs at least one training image"));
     }
-    (0..train.len())
+    let loaded: Vec<(Image, Option<Vec<f32>>)> = (0..train.len())
         .into_par_iter()
         .map(|i| {
             let img = train.load(i).map_err(|e| VigilError::file(train.name(i), e.to_string()))?;
-            Ok(img.to_rgb().resize_bilinear(size, size))
+            let keep = match train.ignore_mask(i) {
+                Some(mask) if (mask.width, mask.height) != (img.width, img.height) => {
+                    return Err(VigilError::file(
+                        train.name(i),
+                        format!(
+                            "ignore mask is {}x{} but the image is {}x{}",
+                            mask.width, mask.height, img.width, img.height
+                        ),
+                    ))
+                }
+                Some(mask) => Some(keep_weights(&mask, size)),
+                None => None,
+            };
+            Ok((img.to_rgb().resize_bilinear(size, size), keep))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    let any_mask = loaded.iter().any(|(_, keep)| keep.is_some());
+    let (images, keep): (Vec<Image>, Vec<Option<Vec<f32>>>) = loaded.into_iter().unzip();
+    let keep =
+        any_mask.then(|| keep.into_iter().map(|k| k.unwrap_or_else(|| vec![1.0; size * size])).collect());
+    Ok((images, keep))
 }
 
 /// Train (or resume training) and return the inference network and the per-step losses.
@@ -112,11 +182,26 @@ pub(crate) fn fit(
     session_limit: Option<usize>,
 ) -> Result<(Trained, Vec<f32>)> {
     settings.validate()?;
-    let images = load_images(train, settings.image_size)?;
-    let synth_config = SynthConfig { cutout_probability: settings.cutout_probability, ..Default::default() };
+    // A checkpoint is tied to the images it was trained on: resuming on others is refused.
+    let data = ctx.checkpoint_dir.as_ref().map(|_| train.fingerprint()).transpose()?;
+    let (images, keep) = load_images(train, settings.image_size)?;
+    let synth_config = SynthConfig {
+        cutout_probability: settings.cutout_probability,
+        beta_range: (settings.opacity[0] as f32, settings.opacity[1] as f32),
+        ..Default::default()
+    };
     let synth = Synthesizer::new(synth_config, settings.anomaly_source()?);
     let device = training_device();
-    let run = Run { settings, ctx, session_limit, images: &images, synth: &synth, device: device.clone() };
+    let run = Run {
+        settings,
+        ctx,
+        session_limit,
+        images: &images,
+        keep: keep.as_deref(),
+        synth: &synth,
+        device: device.clone(),
+        data,
+    };
     Ok(match settings.variant {
         Variant::Draem => {
             let (net, losses) = run.train(new_autoencoder(settings, &device))?;
@@ -134,8 +219,10 @@ struct Run<'a> {
     ctx: &'a FitContext,
     session_limit: Option<usize>,
     images: &'a [Image],
+    keep: Option<&'a [Vec<f32>]>,
     synth: &'a Synthesizer,
     device: Device,
+    data: Option<DataFingerprint>,
 }
 
 impl Run<'_> {
@@ -177,6 +264,7 @@ impl Run<'_> {
             optimizer,
             schedule: LrSchedule::draem(s.lr, s.steps, s.lr_gamma),
             images: self.images,
+            keep: self.keep,
             synth: self.synth,
             settings: s,
             seed: self.ctx.seed,
@@ -187,6 +275,7 @@ impl Run<'_> {
         config.checkpoint_path = checkpoint_path;
         config.session_limit = self.session_limit;
         config.show_progress = self.ctx.show_progress;
+        config.data = self.data.clone();
         let outcome = run_training(&mut task, &config, resume.as_ref())?;
         if !outcome.finished {
             return Err(VigilError::Interrupted(format!(
@@ -241,28 +330,28 @@ impl BenchStep {
         let clean = tensor_from_vec(clean, [n, 3, s, s], &self.device);
         let mask = tensor_from_vec(mask, [n, 1, s, s], &self.device);
         let lr = self.settings.lr;
+        let ssim_weight = self.settings.ssim_weight;
         fn run<R: Reconstructor>(
             net: DraemNet<R>,
             opt: &mut ModuleOptimizer,
             lr: f64,
-            x: burn::Tensor<4>,
-            clean: burn::Tensor<4>,
-            mask: burn::Tensor<4>,
+            ssim_weight: f64,
+            [x, clean, mask]: [Tensor<4>; 3],
         ) -> (DraemNet<R>, f32) {
             let (rec, logits) = net.forward(x);
-            let loss =
-                l2_loss(rec.clone(), clean.clone()) + ssim_loss(rec, clean) + focal_loss(logits, mask, 2.0);
+            let loss = joint_loss(rec, clean, logits, mask, None, ssim_weight);
             let value: f32 = loss.clone().into_scalar();
             let grads = GradientsParams::from_grads(loss.backward(), &net);
             (opt.step(lr, net, grads), value)
         }
+        let batch = [x, clean, mask];
         let (net, loss) = match self.net.take().expect("network present") {
             Trained::Draem(n) => {
-                let (n, l) = run(n, &mut self.optimizer, lr, x, clean, mask);
+                let (n, l) = run(n, &mut self.optimizer, lr, ssim_weight, batch);
                 (Trained::Draem(n), l)
             }
             Trained::Unetpp(n) => {
-                let (n, l) = run(n, &mut self.optimizer, lr, x, clean, mask);
+                let (n, l) = run(n, &mut self.optimizer, lr, ssim_weight, batch);
                 (Trained::Unetpp(n), l)
             }
         };
@@ -285,5 +374,70 @@ impl BenchStep {
             Trained::Draem(n) => n.num_params(),
             Trained::Unetpp(n) => n.num_params(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_nn::tensor_to_vec;
+
+    fn tensor(data: Vec<f32>, shape: [usize; 4], device: &Device) -> Tensor<4> {
+        tensor_from_vec(data, shape, device)
+    }
+
+    #[test]
+    fn ignored_pixels_do_not_enter_the_loss() {
+        let device = Device::flex();
+        let (n, s) = (1, 16);
+        let values = |seed: usize, len: usize| -> Vec<f32> {
+            (0..len).map(|i| ((i * 37 + seed * 11) % 97) as f32 / 96.0).collect()
+        };
+        let clean = values(1, 3 * s * s);
+        let logits = values(3, 2 * s * s);
+        let target: Vec<f32> = (0..s * s).map(|p| if p % 5 == 0 { 1.0 } else { 0.0 }).collect();
+        // The right half is ignored.
+        let keep: Vec<f32> = (0..s * s).map(|p| if p % s < s / 2 { 1.0 } else { 0.0 }).collect();
+        let loss = |rec: Vec<f32>, logits: Vec<f32>, keep: Option<Vec<f32>>, w: f64| -> f32 {
+            joint_loss(
+                tensor(rec, [n, 3, s, s], &device),
+                tensor(clean.clone(), [n, 3, s, s], &device),
+                tensor(logits, [n, 2, s, s], &device),
+                tensor(target.clone(), [n, 1, s, s], &device),
+                keep.map(|k| tensor(k, [n, 1, s, s], &device)),
+                w,
+            )
+            .into_scalar()
+        };
+        let rec = values(2, 3 * s * s);
+        // Keeping every pixel gives the official plain means.
+        let plain = loss(rec.clone(), logits.clone(), None, 2.0);
+        let all_kept = loss(rec.clone(), logits.clone(), Some(vec![1.0; s * s]), 2.0);
+        assert!((plain - all_kept).abs() < 1e-5, "{plain} vs {all_kept}");
+        // Changing the reconstruction and the logits only where pixels are ignored leaves the L2
+        // and focal terms unchanged (SSIM's 11x11 window still reaches across the boundary, so it
+        // is weighted 0 here).
+        let scramble = |v: &[f32], planes: usize| -> Vec<f32> {
+            let mut v = v.to_vec();
+            for c in 0..planes {
+                for p in 0..s * s {
+                    if keep[p] == 0.0 {
+                        v[c * s * s + p] = 1.0 - v[c * s * s + p] * 0.5;
+                    }
+                }
+            }
+            v
+        };
+        let before = loss(rec.clone(), logits.clone(), Some(keep.clone()), 0.0);
+        let after = loss(scramble(&rec, 3), scramble(&logits, 2), Some(keep.clone()), 0.0);
+        assert!((before - after).abs() < 1e-6, "{before} vs {after}");
+        // Without the mask the same change does move the loss.
+        let moved = loss(scramble(&rec, 3), scramble(&logits, 2), None, 0.0);
+        assert!((moved - loss(rec.clone(), logits.clone(), None, 0.0)).abs() > 1e-3);
+        // The SSIM weight scales the structural term.
+        let one = loss(rec.clone(), logits.clone(), None, 1.0);
+        let zero = loss(rec, logits, None, 0.0);
+        assert!((plain - zero - 2.0 * (one - zero)).abs() < 1e-5);
+        let _ = tensor_to_vec::<4>;
     }
 }

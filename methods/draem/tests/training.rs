@@ -1,7 +1,7 @@
 //! CI-sized DRAEM training: tiny widths, 32x32 images, a few dozen steps.
 
 use vigil_core::{Detector, FitContext, Image, InMemorySource};
-use vigil_draem::{DraemDetector, DraemSettings, Variant};
+use vigil_draem::{DraemDetector, DraemSettings, Preset, Variant};
 use vigil_synth::{AnomalySource, SynthConfig, Synthesizer};
 
 const SIZE: usize = 32;
@@ -26,6 +26,7 @@ fn normal_image(k: usize) -> Image {
 fn tiny(variant: Variant, steps: usize) -> DraemSettings {
     DraemSettings {
         variant,
+        preset: Preset::Cpu,
         image_size: SIZE,
         recon_width: 4,
         recon_depth: 2,
@@ -37,6 +38,8 @@ fn tiny(variant: Variant, steps: usize) -> DraemSettings {
         batch: 4,
         lr: 2e-3,
         lr_gamma: 0.2,
+        ssim_weight: 1.0,
+        opacity: [0.1, 1.0],
         anomaly_source: "procedural".into(),
         cutout_probability: 0.0,
         score_filter: 3,
@@ -166,4 +169,108 @@ fn bad_settings_are_rejected() {
     let err =
         DraemDetector::new(tiny(Variant::Draem, 3)).unwrap().fit(&empty, &FitContext::default()).unwrap_err();
     assert!(err.to_string().contains("at least one training image"));
+}
+
+#[test]
+fn presets_are_chosen_by_name_and_fields_override_them() {
+    let parse = |v: serde_json::Value| serde_json::from_value::<DraemSettings>(v).unwrap();
+    // What the command line starts from: the CPU preset, nothing overridden.
+    let defaults = serde_json::to_value(DraemSettings::cpu(Variant::Draem)).unwrap();
+    assert_eq!(defaults["preset"], "cpu");
+    assert!(defaults["steps"].is_null() && defaults["image_size"].is_null());
+    assert_eq!(parse(defaults.clone()), DraemSettings::cpu(Variant::Draem));
+
+    let mut paper = defaults.clone();
+    paper["preset"] = "paper".into();
+    assert_eq!(parse(paper.clone()), DraemSettings::paper(Variant::Draem));
+    paper["steps"] = 400.into();
+    let s = parse(paper);
+    assert_eq!((s.preset, s.steps, s.image_size, s.recon_width), (Preset::Paper, 400, 256, 128));
+    // Overrides survive a round trip; only they are written.
+    let back = serde_json::to_value(&s).unwrap();
+    assert_eq!(back["steps"], 400);
+    assert!(back["image_size"].is_null());
+    assert_eq!(parse(back), s);
+
+    // The UNet++ paper preset is the seed paper's: 512 px, lambda = 2 on SSIM, opacity [0.2, 1].
+    let unetpp = parse(serde_json::json!({"variant": "unetpp", "preset": "paper"}));
+    assert_eq!((unetpp.image_size, unetpp.ssim_weight, unetpp.opacity), (512, 2.0, [0.2, 1.0]));
+    assert_eq!((unetpp.nested_width, unetpp.nested_depth), (32, 4));
+    DraemDetector::new(unetpp).unwrap();
+    let draem = DraemSettings::preset("paper", Variant::Draem).unwrap();
+    assert_eq!(
+        (draem.image_size, draem.ssim_weight, draem.opacity, draem.steps),
+        (256, 1.0, [0.2, 1.0], 20_000)
+    );
+
+    // A model file stores every field.
+    let mut det = DraemDetector::new(tiny(Variant::Draem, 2)).unwrap();
+    det.fit(&train_set(), &FitContext::default()).unwrap();
+    let stored = det.settings();
+    assert_eq!(stored["image_size"], SIZE);
+    assert_eq!(stored["opacity"], serde_json::json!([0.1, 1.0]));
+
+    let err =
+        serde_json::from_value::<DraemSettings>(serde_json::json!({"variant": "draem", "preset": "gpu"}));
+    assert!(err.unwrap_err().to_string().contains("gpu"));
+    let err = serde_json::from_value::<DraemSettings>(serde_json::json!({"variant": "draem", "step": 3}));
+    assert!(err.unwrap_err().to_string().contains("step"));
+    let mut s = tiny(Variant::Draem, 3);
+    s.opacity = [0.5, 0.2];
+    assert!(DraemDetector::new(s).unwrap_err().to_string().contains("opacity"));
+}
+
+/// Ignored pixels ("before" mode): the image score does not see a defect inside them, and
+/// training with an ignore mask runs and gives the same score without the mask's region.
+#[test]
+fn ignored_pixels_are_left_out_of_the_image_score() {
+    let mut det = DraemDetector::new(tiny(Variant::Draem, 60)).unwrap();
+    let mut train = train_set();
+    let ignored =
+        vigil_core::Mask::new(SIZE, SIZE, (0..SIZE * SIZE).map(|p| p % SIZE < SIZE / 2).collect()).unwrap();
+    train.ignore = Some(ignored.clone());
+    det.fit(&train, &FitContext { seed: 2, ..Default::default() }).unwrap();
+
+    let clean = normal_image(77);
+    let mut spotted = clean.clone();
+    for c in 0..3 {
+        for y in 12..20 {
+            for x in 4..10 {
+                spotted.data[(c * SIZE + y) * SIZE + x] = if c == 0 { 1.0 } else { 0.0 };
+            }
+        }
+    }
+    // The spot lies in the ignored left half. The score is, computed here from the map, the
+    // max over kept pixels of the mean over the kept pixels of their 3x3 window.
+    let expected = |m: &vigil_core::Map| {
+        let kept = |x: i64, y: i64| (0..SIZE as i64).contains(&x) && (0..SIZE as i64).contains(&y) && x >= 16;
+        let mut best = f32::MIN;
+        for y in 0..SIZE as i64 {
+            for x in 16..SIZE as i64 {
+                let window: Vec<f32> = (-1..=1)
+                    .flat_map(|dy| (-1..=1).map(move |dx| (x + dx, y + dy)))
+                    .filter(|&(u, v)| kept(u, v))
+                    .map(|(u, v)| m.data[v as usize * SIZE + u as usize])
+                    .collect();
+                best = best.max(window.iter().sum::<f32>() / window.len() as f32);
+            }
+        }
+        best
+    };
+    for img in [&clean, &spotted] {
+        let out = det.score(img, Some(&ignored)).unwrap();
+        let (score, want) = (out.image_score.unwrap(), expected(&out.map));
+        assert!((score - want).abs() < 1e-5, "score {score} vs kept-pixel filtered max {want}");
+    }
+    // Without the mask the spot's probabilities count.
+    let plain = det.score(&spotted, None).unwrap();
+    let masked = det.score(&spotted, Some(&ignored)).unwrap();
+    let spot_max =
+        plain.map.data.iter().zip(&ignored.data).filter(|(_, &i)| i).map(|(v, _)| *v).fold(0.0, f32::max);
+    println!("spot max {spot_max}, scores {:?} / {:?}", plain.image_score, masked.image_score);
+
+    let wrong = vigil_core::Mask::empty(SIZE + 1, SIZE);
+    assert!(det.score(&clean, Some(&wrong)).unwrap_err().to_string().contains("ignore mask"));
+    let everything = vigil_core::Mask::new(SIZE, SIZE, vec![true; SIZE * SIZE]).unwrap();
+    assert!(det.score(&clean, Some(&everything)).is_err());
 }

@@ -1,0 +1,13 @@
+//! `--ignore-mode before` and `after` for DRAEM on the built binary (issue 10 item 2).
+
+mod ignore_support;
+
+/// A tiny CPU configuration (64 px network input, widths 4, 200 steps of batch 4) so the three
+/// fits take seconds; the procedural anomaly source needs no data.
+const DRAEM: &str = "draem:image_size=64,recon_width=4,recon_depth=2,disc_width=4,disc_depth=3,\
+                     steps=200,batch=4,lr=0.002,score_filter=3";
+
+#[test]
+fn ignored_defect_does_not_flag_the_image_in_either_mode() {
+    ignore_support::check_both_modes(DRAEM);
+}
