@@ -1,5 +1,6 @@
 //! The seam measure of tiled maps, before and after blending, for every method that works with
-//! `--tile`: the mean absolute jump of the stitched map across tile borders divided by the same
+//! `--tile` (the a contrario detector with PCA, Gabor and CNN + RegionNFA features, all in the
+//! test-image mode): the mean absolute jump of the stitched map across tile borders divided by the same
 //! across the tile centre lines (half a tile inside), and across the blending bands (the lines
 //! inside an overlap) divided by the same.
 //!
@@ -22,7 +23,7 @@
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
-use vigil_acontrario::{AcontrarioDetector, AcontrarioSettings, Feature};
+use vigil_acontrario::{AcontrarioDetector, AcontrarioSettings, Feature, NfaVariant};
 use vigil_bench::arg;
 use vigil_core::{Detector, FitContext, Image, InMemorySource, Map, Result, ScoreOutput, VigilError};
 use vigil_data::{default_overlap, score_detector_tiled, seam_measure, SeamMeasure, Stitcher, TileGrid};
@@ -67,6 +68,11 @@ fn detector(name: &str) -> Result<Box<dyn Detector>> {
         "acontrario" => Box::new(AcontrarioDetector::new(AcontrarioSettings::default())),
         "acontrario-gabor" => Box::new(AcontrarioDetector::new(AcontrarioSettings {
             feature: Feature::Gabor,
+            ..AcontrarioSettings::default()
+        })),
+        "acontrario-cnn" => Box::new(AcontrarioDetector::new(AcontrarioSettings {
+            feature: Feature::Cnn,
+            nfa: NfaVariant::Region,
             ..AcontrarioSettings::default()
         })),
         "patchcore" => Box::new(PatchcoreDetector::new(PatchcoreSettings::default())?),
@@ -150,8 +156,8 @@ fn picture(before: &Map, after: &Map, path: &Path) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let methods =
-        arg("--methods").unwrap_or_else(|| "acontrario,acontrario-gabor,patchcore,padim,uflow,draem".into());
+    let methods = arg("--methods")
+        .unwrap_or_else(|| "acontrario,acontrario-gabor,acontrario-cnn,patchcore,padim,uflow,draem".into());
     let picture_path = arg("--picture").map(PathBuf::from);
     let (image, train) = data()?;
     let overlap = match arg("--overlap") {
