@@ -48,11 +48,11 @@ pub enum Command {
 #[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PipelineArgs {
-    /// Cut images into square tiles of this size (pixels), score each and stitch the maps (overlaps averaged).
+    /// Cut images into square tiles of this size (pixels), score each and stitch the maps (overlaps blended).
     /// For large images (X-ray paintings); off by default.
     #[arg(long)]
     pub tile: Option<usize>,
-    /// Overlap between neighbouring tiles in pixels (with --tile; default 0).
+    /// Overlap between neighbouring tiles in pixels (with --tile; default a quarter of the tile).
     #[arg(long)]
     pub overlap: Option<usize>,
     /// An image marking regions to ignore (any non-zero pixel is ignored); same size as the images.

@@ -157,7 +157,7 @@ impl Pipeline {
         }
         let settings = PipelineSettings {
             tile: options.tile,
-            overlap: options.overlap.unwrap_or(0),
+            overlap: options.overlap.or(options.tile.map(vigil_data::default_overlap)).unwrap_or(0),
             ignore_mode,
             ignore_path: options.ignore.clone(),
             image_score: options.image_score,
@@ -343,12 +343,14 @@ impl Pipeline {
         let before = self.before();
         let method_ignore = ignore.as_ref().filter(|_| before);
         let out = match self.settings.tile {
-            Some(tile) => {
-                vigil_data::tiling::score_tiled(image, method_ignore, tile, self.settings.overlap, |t, m| {
-                    det.score(t, m)
-                })
-                .with_context(|| format!("{name}: tiled scoring"))?
-            }
+            Some(tile) => vigil_data::tiling::score_detector_tiled(
+                image,
+                method_ignore,
+                tile,
+                self.settings.overlap,
+                det,
+            )
+            .with_context(|| format!("{name}: tiled scoring"))?,
             None => det.score(image, method_ignore).with_context(|| name.to_string())?,
         };
         let (mut map, mut nfa, mut own_score) = (out.map, out.log10_nfa, out.image_score);
