@@ -10,8 +10,8 @@ use vigil_core::{ChannelMode, Detector, Image, ImageSource, Map, Mask, ModelFile
 use vigil_data::ignore::IgnoreMode;
 use vigil_data::source::{BadFilePolicy, FileSource, SourceOptions};
 use vigil_data::tiling::TiledSource;
-use vigil_data::{Registration, RegistrationSettings};
 use vigil_metrics::ImageScoreReduction;
+use vigil_register::{Registration, RegistrationSettings};
 
 /// How images go through the pipeline, as the user asked for them. `None` fields are "not given":
 /// at fit time they take the defaults, at predict time the model's own settings.
@@ -205,9 +205,7 @@ impl Pipeline {
         }
         match &p.settings.image_score {
             None => p.settings.image_score = stored.image_score,
-            Some(r) if Some(*r) != stored.image_score => {
-                differs.push(format!("the image score ({r} now)"))
-            }
+            Some(r) if Some(*r) != stored.image_score => differs.push(format!("the image score ({r} now)")),
             Some(_) => {}
         }
         if options.ignore.is_none() {
@@ -314,11 +312,13 @@ impl Pipeline {
         let unseen = invert(&registered.valid);
         let scored = self.score_aligned(det, &registered.image, name, Some(&unseen))?;
         // Back to the image's frame: the map follows the inverse of the image-to-reference homography.
-        let back = vigil_data::registration::invert_homography(&registered.homography)
+        let back = registered
+            .homography
+            .inverse()
             .ok_or_else(|| anyhow!("{name}: registration gave a singular homography"))?;
         let to_image_frame = |map: &Map, fill: f32| -> Result<Map> {
             let plane = Image::new(map.width, map.height, 1, map.data.clone())?;
-            let (warped, seen) = vigil_data::warp_perspective(&plane, &back, image.width, image.height)?;
+            let (warped, seen) = vigil_register::warp_perspective(&plane, &back, image.width, image.height)?;
             let data = warped.data.iter().zip(&seen.data).map(|(&v, &s)| if s { v } else { fill }).collect();
             Ok(Map::new(image.width, image.height, data)?)
         };
@@ -459,7 +459,7 @@ struct RegisteredSource<'a> {
 }
 
 impl RegisteredSource<'_> {
-    fn registered(&self, index: usize) -> vigil_core::Result<vigil_data::Registered> {
+    fn registered(&self, index: usize) -> vigil_core::Result<vigil_register::Registered> {
         let image = self.inner.load(index)?;
         self.registration
             .register(&image)

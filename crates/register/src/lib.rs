@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use vigil_core::{Image, Map, Mask, Result, VigilError};
 
-use crate::io::load_image;
+use vigil_data::io::load_image;
 
 /// Radius of the circular patch used for orientation and the descriptor (ORB's 31×31 patch).
 const PATCH_RADIUS: isize = 15;
@@ -419,7 +419,7 @@ pub fn match_descriptors(
 }
 
 /// Applies a homography to a point; `None` when it maps the point to infinity or behind.
-pub fn apply_homography(h: &[f64; 9], x: f64, y: f64) -> Option<(f64, f64)> {
+fn apply_homography(h: &[f64; 9], x: f64, y: f64) -> Option<(f64, f64)> {
     let w = h[6] * x + h[7] * y + h[8];
     if w.abs() < 1e-12 || !w.is_finite() {
         return None;
@@ -428,7 +428,7 @@ pub fn apply_homography(h: &[f64; 9], x: f64, y: f64) -> Option<(f64, f64)> {
 }
 
 /// The inverse homography (adjugate over determinant), scaled so its last entry is 1 when it can be.
-pub fn invert_homography(h: &[f64; 9]) -> Option<[f64; 9]> {
+fn invert_homography(h: &[f64; 9]) -> Option<[f64; 9]> {
     let inv = [
         h[4] * h[8] - h[5] * h[7],
         h[2] * h[7] - h[1] * h[8],
@@ -550,10 +550,29 @@ fn inlier_set(h: &[f64; 9], src: &[[f64; 2]], dst: &[[f64; 2]], tolerance: f64) 
         .collect()
 }
 
+/// A plane projective transform as a row-major 3x3 matrix (h[8] = 1): (x, y) maps to
+/// ((h0 x + h1 y + h2) / w, (h3 x + h4 y + h5) / w) with w = h6 x + h7 y + h8.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Homography(pub [f64; 9]);
+
+impl Homography {
+    pub const IDENTITY: Homography = Homography([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+
+    /// Where (x, y) goes; None where the point goes to infinity.
+    pub fn apply(&self, x: f64, y: f64) -> Option<(f64, f64)> {
+        apply_homography(&self.0, x, y)
+    }
+
+    /// The inverse transform; None for a singular matrix.
+    pub fn inverse(&self) -> Option<Homography> {
+        invert_homography(&self.0).map(Homography)
+    }
+}
+
 /// A robust homography fit: the model and the indices of the correspondences it explains.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HomographyFit {
-    pub homography: [f64; 9],
+    pub homography: Homography,
     pub inliers: Vec<usize>,
 }
 
@@ -593,7 +612,7 @@ pub fn ransac_homography(
             } else {
                 ((1.0 - RANSAC_CONFIDENCE).ln() / miss.ln()).ceil().max(1.0) as usize
             };
-            best = Some(HomographyFit { homography: h, inliers });
+            best = Some(HomographyFit { homography: Homography(h), inliers });
         }
     }
     let mut fit = best?;
@@ -607,7 +626,7 @@ pub fn ransac_homography(
             break;
         }
         let converged = inliers == fit.inliers;
-        fit = HomographyFit { homography: h, inliers };
+        fit = HomographyFit { homography: Homography(h), inliers };
         if converged {
             break;
         }
@@ -618,11 +637,11 @@ pub fn ransac_homography(
 /// Warps `image` by the homography `h` (source pixel → output pixel, as OpenCV's
 /// `warpPerspective`) into an `out_w`×`out_h` image, sampling bilinearly. The mask is true where
 /// the output pixel came from inside the source; elsewhere the image is 0.
-pub fn warp_perspective(image: &Image, h: &[f64; 9], out_w: usize, out_h: usize) -> Result<(Image, Mask)> {
+pub fn warp_perspective(image: &Image, h: &Homography, out_w: usize, out_h: usize) -> Result<(Image, Mask)> {
     if out_w == 0 || out_h == 0 {
         return Err(VigilError::invalid(format!("warp to an empty {out_w}x{out_h} image")));
     }
-    let inverse = invert_homography(h)
+    let inverse = invert_homography(&h.0)
         .ok_or_else(|| VigilError::invalid(format!("cannot warp with a singular homography {h:?}")))?;
     let (w, hgt) = (image.width, image.height);
     let (max_x, max_y) = ((w - 1) as f64, (hgt - 1) as f64);
@@ -668,7 +687,7 @@ pub struct Registered {
     /// True where the warped pixel was seen by the image; the rest is outside its field of view.
     pub valid: Mask,
     /// Homography from the image's pixels to the reference's pixels (h8 = 1).
-    pub homography: [f64; 9],
+    pub homography: Homography,
     /// Matches consistent with the homography.
     pub inliers: usize,
     /// Descriptor matches RANSAC started from.
@@ -840,7 +859,7 @@ mod tests {
     fn assert_recovers_nudge(reference: &Image) {
         let (w, h) = (reference.width, reference.height);
         let nudge = camera_nudge(w, h, 4.0, (7.0, -5.0), (2e-5, -1.5e-5));
-        let (moved, _) = warp_perspective(reference, &nudge, w, h).unwrap();
+        let (moved, _) = warp_perspective(reference, &Homography(nudge), w, h).unwrap();
         let registration = Registration::new(reference, RegistrationSettings::default()).unwrap();
         let out = registration.register(&moved).unwrap();
         assert!(out.inliers >= 50, "{} inliers of {} matches", out.inliers, out.matches);
@@ -851,7 +870,7 @@ mod tests {
             for gx in 1..8 {
                 let (x, y) = (gx as f64 * w as f64 / 8.0, gy as f64 * h as f64 / 8.0);
                 let (ex, ey) = apply_homography(&truth, x, y).unwrap();
-                let (rx, ry) = apply_homography(&out.homography, x, y).unwrap();
+                let (rx, ry) = out.homography.apply(x, y).unwrap();
                 worst = worst.max(((ex - rx).powi(2) + (ey - ry).powi(2)).sqrt());
             }
         }
@@ -896,12 +915,12 @@ mod tests {
     fn oriented_descriptors_survive_a_large_rotation() {
         let scene = procedural_texture(192, 192, 13);
         let turn = camera_nudge(192, 192, 30.0, (0.0, 0.0), (0.0, 0.0));
-        let (turned, _) = warp_perspective(&scene, &turn, 192, 192).unwrap();
+        let (turned, _) = warp_perspective(&scene, &Homography(turn), 192, 192).unwrap();
         let registration = Registration::new(&scene, RegistrationSettings::default()).unwrap();
         let out = registration.register(&turned).unwrap();
         let truth = invert_homography(&turn).unwrap();
         let (ex, ey) = apply_homography(&truth, 60.0, 130.0).unwrap();
-        let (rx, ry) = apply_homography(&out.homography, 60.0, 130.0).unwrap();
+        let (rx, ry) = out.homography.apply(60.0, 130.0).unwrap();
         assert!((ex - rx).abs() < 1.0 && (ey - ry).abs() < 1.0, "({rx}, {ry}) instead of ({ex}, {ey})");
     }
 
@@ -921,7 +940,7 @@ mod tests {
         let registration = Registration::new(&scene, RegistrationSettings::default()).unwrap();
         let out = registration.register(&scene).unwrap();
         let identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
-        for (got, want) in out.homography.iter().zip(identity) {
+        for (got, want) in out.homography.0.iter().zip(identity) {
             assert!((got - want).abs() < 1e-6, "{:?}", out.homography);
         }
         assert_eq!(out.inliers, out.matches);
@@ -935,9 +954,13 @@ mod tests {
     #[test]
     fn registration_is_deterministic_with_the_seed() {
         let scene = procedural_texture(128, 128, 11);
-        let (moved, _) =
-            warp_perspective(&scene, &camera_nudge(128, 128, -3.0, (4.0, 2.0), (0.0, 0.0)), 128, 128)
-                .unwrap();
+        let (moved, _) = warp_perspective(
+            &scene,
+            &Homography(camera_nudge(128, 128, -3.0, (4.0, 2.0), (0.0, 0.0))),
+            128,
+            128,
+        )
+        .unwrap();
         let registration = Registration::new(&scene, RegistrationSettings::default()).unwrap();
         let (a, b) = (registration.register(&moved).unwrap(), registration.register(&moved).unwrap());
         assert_eq!(a.homography, b.homography);
@@ -968,7 +991,7 @@ mod tests {
     fn file_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flat.png");
-        crate::testutil::write_gray8(&path, 96, 96, |_, _| 128);
+        image::GrayImage::from_pixel(96, 96, image::Luma([128])).save(&path).unwrap();
         let registration =
             Registration::new(&procedural_texture(96, 96, 5), RegistrationSettings::default()).unwrap();
         let err = registration.register_file(&path).unwrap_err().to_string();
@@ -1029,7 +1052,7 @@ mod tests {
             .collect();
         let fit = ransac_homography(&src, &dst, 500, 1.0, 9).unwrap();
         assert_eq!(fit.inliers, (0..60).filter(|i| i % 3 != 0).collect::<Vec<_>>());
-        for (got, want) in fit.homography.iter().zip(&truth) {
+        for (got, want) in fit.homography.0.iter().zip(&truth) {
             assert!((got - want).abs() < 1e-6 * want.abs().max(1.0));
         }
     }
@@ -1038,7 +1061,7 @@ mod tests {
     fn warp_marks_unseen_pixels_invalid() {
         let img = Image::new(4, 3, 1, (0..12).map(|v| v as f32).collect()).unwrap();
         let shift = [1.0, 0.0, 1.5, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
-        let (out, valid) = warp_perspective(&img, &shift, 4, 3).unwrap();
+        let (out, valid) = warp_perspective(&img, &Homography(shift), 4, 3).unwrap();
         // Output x samples source x - 1.5: columns 0 and 1 were never seen, column 2 interpolates.
         assert_eq!(
             valid.data.iter().map(|&v| v as u8).collect::<Vec<_>>(),
@@ -1048,6 +1071,6 @@ mod tests {
         assert_eq!(out.data[7], 5.5);
         assert_eq!(out.data[0], 0.0);
         let singular = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
-        assert!(warp_perspective(&img, &singular, 4, 3).is_err());
+        assert!(warp_perspective(&img, &Homography(singular), 4, 3).is_err());
     }
 }

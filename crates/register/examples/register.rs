@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use vigil_core::Image;
-use vigil_data::{load_image, warp_perspective, Registration, RegistrationSettings};
+use vigil_data::load_image;
+use vigil_register::{warp_perspective, Homography, Registration, RegistrationSettings};
 
 fn save(image: &Image, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let (w, h, n) = (image.width, image.height, image.plane_len());
@@ -51,7 +52,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 &mul3(&[1.0, 0.0, cx, 0.0, 1.0, cy, 0.0, 0.0, 1.0], &nudge),
                 &[1.0, 0.0, -cx, 0.0, 1.0, -cy, 0.0, 0.0, 1.0],
             );
-            let (moved, _) = warp_perspective(&image, &h_nudge, image.width, image.height)?;
+            let (moved, _) = warp_perspective(&image, &Homography(h_nudge), image.width, image.height)?;
             save(&moved, Path::new(out))?;
             println!("wrote {out}: {reference} seen by a nudged camera, homography {h_nudge:?}");
         }
