@@ -88,7 +88,11 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
         .results
         .iter()
         .map(|r| ReportItem {
-            name: format!("{}/{}", r.item.kind, r.item.path.file_name().unwrap_or_default().to_string_lossy()),
+            name: format!(
+                "{}/{}",
+                r.item.kind,
+                r.item.path.file_name().unwrap_or_default().to_string_lossy()
+            ),
             score: if nfa { -r.decided_value } else { r.image_score as f64 },
             label: r.item.label,
             verdict: r.verdict,
@@ -114,7 +118,11 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
             kind: image_t.kind.to_string(),
             level: "image".into(),
             value: image_t.value,
-            quantity: if nfa { "-log10 NFA of the most significant region".into() } else { "image score".into() },
+            quantity: if nfa {
+                "-log10 NFA of the most significant region".into()
+            } else {
+                "image score".into()
+            },
         }),
         metrics: metric_rows(&eval.metrics),
         curves,
