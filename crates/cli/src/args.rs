@@ -117,8 +117,11 @@ pub struct FitArgs {
     #[serde(default)]
     pub fit_on_all: bool,
     /// Image-level threshold: `max`, `quantile:P`, `ksigma:K` (on held-out normal scores), `nfa:K`
-    /// (log10 NFA <= -K, for a contrario methods), `fixed:V`, or `f1` (F1-optimal; needs --val-anomalous).
-    /// Default: the method's own (NFA) or quantile:0.99.
+    /// (log10 NFA <= -K, for a contrario methods and U-Flow), `nfa-calibrated:K` (the log10 NFA level at
+    /// which the held-out normal images give 10^-K false detections per image), `fixed:V`, or `f1`
+    /// (F1-optimal; needs --val-anomalous). Default: the method's own (NFA) or quantile:0.99. With an NFA
+    /// threshold, fit counts the false detections on the held-out normals and warns when the theoretical
+    /// level gives more than 10x the nominal rate.
     #[arg(long)]
     pub threshold: Option<String>,
     /// Labelled anomalous validation images (a folder), for `--threshold f1` (F1-optimal) thresholds.

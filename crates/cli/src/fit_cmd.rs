@@ -1,6 +1,7 @@
 //! `vigil fit`.
 
 use anyhow::{anyhow, bail, Result};
+use vigil_core::ThresholdKind;
 use vigil_engine::{fit, training_images, MethodSpec};
 
 use crate::args::FitArgs;
@@ -44,7 +45,12 @@ pub fn fit_command(args: FitArgs) -> Result<()> {
     model.save(out, args.overwrite)?;
     println!("fitted {} in {:.1} s -> {}", spec.label(), model.fit_seconds(), out.display());
     for t in [&model.image_threshold, &model.pixel_threshold] {
-        println!("  {:?} threshold {:.6} ({}, from {} scores)", t.level, t.value, t.kind, t.n_samples);
+        let source = match t.kind {
+            ThresholdKind::Nfa { .. } | ThresholdKind::Fixed => String::new(),
+            ThresholdKind::NfaCalibrated { .. } => format!(", from {} held-out normal images", t.n_samples),
+            _ => format!(", from {} scores", t.n_samples),
+        };
+        println!("  {:?} threshold {:.6} ({}{source})", t.level, t.value, t.kind);
     }
     Ok(())
 }

@@ -57,7 +57,8 @@ pub fn predict_command(args: PredictArgs) -> Result<()> {
             s.scored.image_score,
             model.decided_value(&s.scored),
             verdict,
-            model.image_threshold.value,
+            // The value the decided quantity is compared with (for NFA thresholds, a log10 NFA level).
+            model.image_threshold.log10_nfa_level().unwrap_or(model.image_threshold.value),
             (map.width, map.height),
             predicted.count(),
             [&map_path, &overlay_path, &mask_path],

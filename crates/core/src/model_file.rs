@@ -45,7 +45,9 @@ impl ModelHeader {
         for t in [&self.image_threshold, &self.pixel_threshold].into_iter().flatten() {
             let parameter = match t.kind {
                 ThresholdKind::Quantile { p } => p,
-                ThresholdKind::KSigma { k } | ThresholdKind::Nfa { k } => k,
+                ThresholdKind::KSigma { k }
+                | ThresholdKind::Nfa { k }
+                | ThresholdKind::NfaCalibrated { k } => k,
                 ThresholdKind::Max | ThresholdKind::F1Optimal | ThresholdKind::Fixed => 0.0,
             };
             if !t.value.is_finite() || !parameter.is_finite() {

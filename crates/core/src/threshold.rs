@@ -14,6 +14,9 @@ pub enum ThresholdKind {
     F1Optimal,
     /// log10 NFA ≤ −k: the expected number of false detections per image is at most 10^−k.
     Nfa { k: f64 },
+    /// log10 NFA ≤ `value`: the level at which held-out normal images gave 10^−k false detections
+    /// per image (the theoretical level −k assumes a background model that real data may not follow).
+    NfaCalibrated { k: f64 },
     /// Given by the user.
     Fixed,
 }
@@ -27,6 +30,9 @@ impl std::fmt::Display for ThresholdKind {
             ThresholdKind::F1Optimal => write!(f, "F1-optimal on labelled validation data"),
             ThresholdKind::Nfa { k } if *k == 0.0 => write!(f, "a contrario: NFA <= 1 (log10 NFA <= 0)"),
             ThresholdKind::Nfa { k } => write!(f, "a contrario: log10 NFA <= -{k}"),
+            ThresholdKind::NfaCalibrated { k } => {
+                write!(f, "a contrario, calibrated on held-out normals to 10^-{k} false detections per image")
+            }
             ThresholdKind::Fixed => write!(f, "fixed by the user"),
         }
     }
@@ -45,6 +51,19 @@ pub struct Threshold {
     pub kind: ThresholdKind,
     pub level: ThresholdLevel,
     pub value: f64,
-    /// How many scores it was computed from (0 for NFA and fixed thresholds).
+    /// How many scores it was computed from (0 for NFA and fixed thresholds; the number of
+    /// held-out images for a calibrated NFA threshold).
     pub n_samples: usize,
+}
+
+impl Threshold {
+    /// For NFA thresholds, the log10 NFA at or below which a pixel or region is detected.
+    pub fn log10_nfa_level(&self) -> Option<f64> {
+        match self.kind {
+            // 0 − k, not −k: NFA ≤ 1 reads as level 0, not −0.
+            ThresholdKind::Nfa { k } => Some(0.0 - k),
+            ThresholdKind::NfaCalibrated { .. } => Some(self.value),
+            _ => None,
+        }
+    }
 }

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use vigil_core::{FitContext, Threshold, ThresholdLevel};
+use vigil_core::{FitContext, Map, Threshold, ThresholdKind, ThresholdLevel};
 use vigil_data::dataset::validation_split;
 use vigil_metrics::threshold::FEW_SCORES;
 use vigil_metrics::{ImageScoreReduction, ThresholdRule};
+use vigil_nfa::calibration::{calibrate, NfaCalibration};
 
 use crate::model::Model;
 use crate::pipeline::{Pipeline, PipelineOptions};
@@ -95,7 +96,7 @@ fn plan(
     let pixel_rule = match opts.pixel_threshold {
         Some(rule) => Some(rule),
         // A pixel is flagged exactly when it alone would flag its image.
-        None if image_is_map_max || matches!(image_rule, ThresholdRule::Nfa(_) | ThresholdRule::Fixed(_)) => {
+        None if image_is_map_max || image_rule.is_nfa() || matches!(image_rule, ThresholdRule::Fixed(_)) => {
             None
         }
         None if image_rule.needs_labels() && !labelled_masks => None,
@@ -149,7 +150,8 @@ pub fn fit(
         bail!("method {} learns from normal images: give --train <folder>", spec.label());
     }
     let own = detector.default_threshold().as_ref().and_then(ThresholdRule::of_kind);
-    let plan = plan(spec, own.is_some_and(|r| r.is_nfa()), own, &pipeline, &opts, train_paths.len())?;
+    let provides_nfa = own.is_some_and(|r| r.is_nfa());
+    let plan = plan(spec, provides_nfa, own, &pipeline, &opts, train_paths.len())?;
     if let Some(first) = train_paths.first() {
         let image = vigil_data::io::load_image(first)?;
         pipeline.check_size(image.width, image.height, &first.display().to_string())?;
@@ -193,11 +195,15 @@ pub fn fit(
         .collect();
     let mut image_val = ValidationScores::default();
     let mut pixel_val = ValidationScores::default();
+    let mut normal_nfa: Vec<Map> = Vec::new();
     let skipped =
         score_items(detector.as_ref(), &pipeline, &items, LoopOptions::default(), "validation", |event| {
             let Event::Scored(s) = event else { return Ok(()) };
             let label = s.item.label == Some(true);
             image_val.push(s.scored.image_score as f64, label);
+            if let (false, Some(nfa)) = (label, &s.scored.log10_nfa) {
+                normal_nfa.push(nfa.clone());
+            }
             if let Some(truth) = &s.truth {
                 for (&v, &l) in s.scored.map.data.iter().zip(&truth.data) {
                     pixel_val.push(v as f64, l);
@@ -212,9 +218,10 @@ pub fn fit(
         );
     }
 
-    let image_t = compute(plan.image_rule, ThresholdLevel::Image, &image_val)?;
+    let calibration = check_nfa(&plan, &normal_nfa)?;
+    let image_t = compute(plan.image_rule, ThresholdLevel::Image, &image_val, calibration.as_ref())?;
     let pixel_t = match plan.pixel_rule {
-        Some(rule) => compute(rule, ThresholdLevel::Pixel, &pixel_val)?,
+        Some(rule) => compute(rule, ThresholdLevel::Pixel, &pixel_val, calibration.as_ref())?,
         None => Threshold { level: ThresholdLevel::Pixel, ..image_t.clone() },
     };
     let weights = detector.weights_files();
@@ -232,6 +239,13 @@ pub fn fit(
             "fit_on_all": opts.fit_on_all,
             "seed": opts.seed,
             "fit_seconds": fit_seconds,
+            "nfa_check": calibration.as_ref().map(|c| serde_json::json!({
+                "k": c.k,
+                "held_out_images": c.images,
+                "false_detections_per_image_at_theoretical": c.false_detections_at_theoretical,
+                "calibrated_log10_nfa": c.calibrated_log10_nfa,
+                "false_detections_per_image_at_calibrated": c.false_detections_at_calibrated,
+            })),
         }),
         weights,
     })
@@ -241,7 +255,58 @@ fn plan_needs_scores(plan: &Plan) -> bool {
     plan.image_rule.needs_normal_scores() || plan.pixel_rule.is_some_and(|r| r.needs_normal_scores())
 }
 
-fn compute(rule: ThresholdRule, level: ThresholdLevel, val: &ValidationScores) -> Result<Threshold> {
+/// An NFA threshold promises at most 10^−K false detections per image; held-out normal images
+/// (where every detection is false) say whether it keeps that promise, and where it would.
+fn check_nfa(plan: &Plan, normal_nfa: &[Map]) -> Result<Option<NfaCalibration>> {
+    let k = match plan.image_rule {
+        ThresholdRule::Nfa(k) | ThresholdRule::NfaCalibrated(k) => k,
+        _ => return Ok(None),
+    };
+    if normal_nfa.is_empty() {
+        if matches!(plan.image_rule, ThresholdRule::NfaCalibrated(_)) {
+            bail!(
+                "{}: no held-out normal image was scored, so there is nothing to calibrate on",
+                plan.image_rule
+            );
+        }
+        crate::warn(format!(
+            "{}: no held-out normal images, so the NFA promise (at most 10^-{k} false detections per image) is              not checked on this data",
+            plan.image_rule
+        ));
+        return Ok(None);
+    }
+    let calibration = calibrate(normal_nfa, k)?;
+    eprintln!(
+        "NFA check on {} held-out normal image(s): {:.3} false detections per image at log10 NFA <= {} \
+         (nominal {:.3}); calibrated level {:.3}",
+        calibration.images,
+        calibration.false_detections_at_theoretical,
+        0.0 - k,
+        calibration.nominal_rate(),
+        calibration.calibrated_log10_nfa
+    );
+    for warning in calibration.warnings() {
+        crate::warn(warning);
+    }
+    Ok(Some(calibration))
+}
+
+fn compute(
+    rule: ThresholdRule,
+    level: ThresholdLevel,
+    val: &ValidationScores,
+    calibration: Option<&NfaCalibration>,
+) -> Result<Threshold> {
+    if let ThresholdRule::NfaCalibrated(k) = rule {
+        let c =
+            calibration.context("a calibrated NFA threshold needs the NFA maps of held-out normal images")?;
+        return Ok(Threshold {
+            kind: ThresholdKind::NfaCalibrated { k },
+            level,
+            value: c.calibrated_log10_nfa,
+            n_samples: c.images,
+        });
+    }
     if rule.is_statistical() && val.normal_count() < FEW_SCORES {
         crate::warn(format!(
             "the {level:?} threshold {rule} comes from only {} normal score(s): it is unreliable below {FEW_SCORES}; \

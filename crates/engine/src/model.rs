@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use vigil_core::model_file::ModelHeader;
-use vigil_core::{Detector, Image, Mask, ModelFile, Threshold, ThresholdKind};
+use vigil_core::{Detector, Image, Mask, ModelFile, Threshold};
 
 use crate::pipeline::{Pipeline, PipelineOptions, Scored, IGNORE_TENSOR, REFERENCE_TENSOR};
 use crate::registry;
@@ -119,24 +119,24 @@ impl Model {
 }
 
 pub(crate) fn decided_value(scored: &Scored, t: &Threshold) -> f64 {
-    match (&t.kind, &scored.log10_nfa) {
-        (ThresholdKind::Nfa { .. }, Some(nfa)) => nfa.min() as f64,
+    match (t.log10_nfa_level(), &scored.log10_nfa) {
+        (Some(_), Some(nfa)) => nfa.min() as f64,
         _ => scored.image_score as f64,
     }
 }
 
 /// Is `score` above the threshold? For NFA thresholds the decision reads the NFA map.
 pub(crate) fn pixel_decisions(scored: &Scored, t: &Threshold) -> Mask {
-    let data = match (&t.kind, &scored.log10_nfa) {
-        (ThresholdKind::Nfa { k }, Some(nfa)) => nfa.data.iter().map(|&v| (v as f64) <= -k).collect(),
+    let data = match (t.log10_nfa_level(), &scored.log10_nfa) {
+        (Some(level), Some(nfa)) => nfa.data.iter().map(|&v| (v as f64) <= level).collect(),
         _ => scored.map.data.iter().map(|&v| (v as f64) > t.value).collect(),
     };
     Mask { width: scored.map.width, height: scored.map.height, data }
 }
 
 pub(crate) fn image_decision(scored: &Scored, t: &Threshold) -> bool {
-    match (&t.kind, &scored.log10_nfa) {
-        (ThresholdKind::Nfa { k }, Some(_)) => decided_value(scored, t) <= -k,
+    match (t.log10_nfa_level(), &scored.log10_nfa) {
+        (Some(level), Some(_)) => decided_value(scored, t) <= level,
         _ => (scored.image_score as f64) > t.value,
     }
 }

@@ -1,7 +1,7 @@
 //! Report assembly: thumbnails, overlays and the data of the HTML report, from an evaluation.
 
 use anyhow::Result;
-use vigil_core::{Image, Map, Mask, Threshold, ThresholdKind};
+use vigil_core::{Image, Map, Mask, Threshold};
 use vigil_report::html::{Curve, ReportData, ReportItem, ReportThreshold};
 
 use crate::evaluate::{metric_rows, Evaluation};
@@ -12,9 +12,9 @@ const THUMBNAIL: usize = 160;
 /// The colour range of overlays: from the pixel threshold's neighbourhood down to zero, so that
 /// "hot" means "above threshold" in every image of a run, comparable across images.
 fn overlay_range(map: &Map, pixel_t: &Threshold) -> (f32, f32) {
-    let hi = match pixel_t.kind {
-        vigil_core::ThresholdKind::Nfa { .. } => map.max().max(1.0),
-        _ => (pixel_t.value as f32 * 1.5).max(f32::MIN_POSITIVE),
+    let hi = match pixel_t.log10_nfa_level() {
+        Some(_) => map.max().max(1.0),
+        None => (pixel_t.value as f32 * 1.5).max(f32::MIN_POSITIVE),
     };
     let lo = map.min().min(0.0).max(if hi > 0.0 { 0.0 } else { map.min() });
     (lo, hi.max(lo + f32::EPSILON))
@@ -83,7 +83,7 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
     }
     // The report shows the quantity the threshold decides on: for NFA thresholds the NFA of the
     // most significant region (as -log10 NFA, so that larger is more anomalous like a score).
-    let nfa = matches!(image_t.kind, ThresholdKind::Nfa { .. });
+    let nfa = image_t.log10_nfa_level().is_some();
     let items = eval
         .results
         .iter()
@@ -117,7 +117,7 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
         threshold: Some(ReportThreshold {
             kind: image_t.kind.to_string(),
             level: "image".into(),
-            value: image_t.value,
+            value: image_t.log10_nfa_level().map_or(image_t.value, |level| -level),
             quantity: if nfa {
                 "-log10 NFA of the most significant region".into()
             } else {

@@ -64,14 +64,16 @@ pub fn f1_optimal<S: Score, L: Label>(
 }
 
 /// How a threshold is chosen: `max`, `quantile:P`, `ksigma:K` (on held-out normal scores), `nfa:K`
-/// (log10 NFA <= -K, for methods that compute an NFA), `fixed:V`, or `f1` (F1-optimal on labelled
-/// validation scores). Every number is finite once parsed.
+/// (log10 NFA <= -K, for methods that compute an NFA), `nfa-calibrated:K` (the log10 NFA level at
+/// which held-out normal images give 10^-K false detections per image), `fixed:V`, or `f1`
+/// (F1-optimal on labelled validation scores). Every number is finite once parsed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ThresholdRule {
     Max,
     Quantile(f64),
     KSigma(f64),
     Nfa(f64),
+    NfaCalibrated(f64),
     Fixed(f64),
     F1,
 }
@@ -114,8 +116,11 @@ impl std::str::FromStr for ThresholdRule {
             }
             "ksigma" => Ok(ThresholdRule::KSigma(number(Some(3.0))?)),
             "nfa" => Ok(ThresholdRule::Nfa(number(Some(0.0))?)),
+            "nfa-calibrated" => Ok(ThresholdRule::NfaCalibrated(number(Some(0.0))?)),
             "fixed" => Ok(ThresholdRule::Fixed(number(None)?)),
-            _ => Err(bad("unknown kind; use max, quantile:P, ksigma:K, nfa:K, fixed:V or f1".into())),
+            _ => Err(bad(
+                "unknown kind; use max, quantile:P, ksigma:K, nfa:K, nfa-calibrated:K, fixed:V or f1".into(),
+            )),
         }
     }
 }
@@ -127,6 +132,7 @@ impl std::fmt::Display for ThresholdRule {
             ThresholdRule::Quantile(p) => write!(f, "quantile:{p}"),
             ThresholdRule::KSigma(k) => write!(f, "ksigma:{k}"),
             ThresholdRule::Nfa(k) => write!(f, "nfa:{k}"),
+            ThresholdRule::NfaCalibrated(k) => write!(f, "nfa-calibrated:{k}"),
             ThresholdRule::Fixed(v) => write!(f, "fixed:{v}"),
             ThresholdRule::F1 => write!(f, "f1"),
         }
@@ -142,6 +148,7 @@ impl ThresholdRule {
             ThresholdKind::KSigma { k } => ThresholdRule::KSigma(k),
             ThresholdKind::F1Optimal => ThresholdRule::F1,
             ThresholdKind::Nfa { k } => ThresholdRule::Nfa(k),
+            ThresholdKind::NfaCalibrated { k } => ThresholdRule::NfaCalibrated(k),
             ThresholdKind::Fixed => ThresholdRule::Fixed(threshold.value),
         }
     }
@@ -154,15 +161,20 @@ impl ThresholdRule {
             ThresholdKind::KSigma { k } => Some(ThresholdRule::KSigma(*k)),
             ThresholdKind::F1Optimal => Some(ThresholdRule::F1),
             ThresholdKind::Nfa { k } => Some(ThresholdRule::Nfa(*k)),
+            ThresholdKind::NfaCalibrated { k } => Some(ThresholdRule::NfaCalibrated(*k)),
             ThresholdKind::Fixed => None,
         }
     }
 
-    /// Does it need scores of held-out normal images?
+    /// Does it need scores (or, calibrated NFA, NFA maps) of held-out normal images?
     pub fn needs_normal_scores(&self) -> bool {
         matches!(
             self,
-            ThresholdRule::Max | ThresholdRule::Quantile(_) | ThresholdRule::KSigma(_) | ThresholdRule::F1
+            ThresholdRule::Max
+                | ThresholdRule::Quantile(_)
+                | ThresholdRule::KSigma(_)
+                | ThresholdRule::F1
+                | ThresholdRule::NfaCalibrated(_)
         )
     }
 
@@ -178,11 +190,12 @@ impl ThresholdRule {
 
     /// Does it read the NFA a method computes instead of scores?
     pub fn is_nfa(&self) -> bool {
-        matches!(self, ThresholdRule::Nfa(_))
+        matches!(self, ThresholdRule::Nfa(_) | ThresholdRule::NfaCalibrated(_))
     }
 
     /// Computes the threshold from validation scores with labels (false = held-out normal image or
-    /// pixel, true = anomalous). NFA and fixed rules need no scores.
+    /// pixel, true = anomalous). NFA and fixed rules need no scores; a calibrated NFA threshold
+    /// comes from NFA maps instead (`vigil_nfa::calibration`), so it is refused here.
     pub fn compute(&self, level: ThresholdLevel, scores: &[f64], labels: &[bool]) -> Result<Threshold> {
         if scores.len() != labels.len() {
             return Err(VigilError::invalid(format!(
@@ -205,6 +218,9 @@ impl ThresholdRule {
             ThresholdRule::Fixed(value) => {
                 Ok(Threshold { kind: ThresholdKind::Fixed, level, value, n_samples: 0 })
             }
+            ThresholdRule::NfaCalibrated(_) => Err(VigilError::invalid(format!(
+                "{self}: a calibrated NFA threshold comes from the NFA maps of held-out normal images, not from scores"
+            ))),
             ThresholdRule::Max => max_of(&normal, level),
             ThresholdRule::Quantile(p) => quantile(&normal, p, level),
             ThresholdRule::KSigma(k) => k_sigma(&normal, k, level),
@@ -274,12 +290,12 @@ mod tests {
 
     #[test]
     fn rules_parse_print_and_refuse_non_finite_values() {
-        for text in ["max", "quantile:0.95", "ksigma:2.5", "nfa:1", "fixed:0.25", "f1"] {
+        for text in ["max", "quantile:0.95", "ksigma:2.5", "nfa:1", "nfa-calibrated:1", "fixed:0.25", "f1"] {
             let rule: ThresholdRule = text.parse().unwrap();
             assert_eq!(rule.to_string().parse::<ThresholdRule>().unwrap(), rule, "{text}");
         }
         assert_eq!("quantile".parse::<ThresholdRule>().unwrap(), ThresholdRule::Quantile(0.99));
-        for text in ["fixed:NaN", "fixed:inf", "fixed:-inf", "ksigma:nan", "nfa:inf"] {
+        for text in ["fixed:NaN", "fixed:inf", "fixed:-inf", "ksigma:nan", "nfa:inf", "nfa-calibrated:nan"] {
             let e = text.parse::<ThresholdRule>().unwrap_err().to_string();
             assert!(e.contains(text) && e.contains("finite"), "{text}: {e}");
         }

@@ -50,7 +50,7 @@ impl NfaCalibration {
                 "the NFA threshold log10 NFA <= {} gave {:.3} false detections per held-out normal image, more than \
                  10x the nominal {:.3}: the background model does not fit these images; consider the calibrated \
                  level {:.3} (nfa-calibrated:{})",
-                -self.k,
+                0.0 - self.k,
                 self.false_detections_at_theoretical,
                 self.nominal_rate(),
                 self.calibrated_log10_nfa,
