@@ -34,7 +34,7 @@ fn run(cli: args::Cli) -> anyhow::Result<()> {
         args::Command::Demo(a) => demo::demo_command(a),
         args::Command::Methods => {
             for m in vigil_engine::registry::registry() {
-                println!("{}\n  {}\n  settings (defaults): {}\n", m.name, m.summary, m.default_settings);
+                println!("{}\n  {}\n  settings (defaults): {}\n", m.name, m.summary, m.resolved_defaults);
             }
             Ok(())
         }

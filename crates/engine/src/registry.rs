@@ -18,6 +18,11 @@ pub trait Method: Detector + Sized + 'static {
     fn learns(_settings: &Self::Settings) -> bool {
         true
     }
+    /// Every setting with the value it takes, as `vigil methods` shows it (settings written as a
+    /// preset plus overrides serialise their overrides only).
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(settings).expect("settings serialise")
+    }
 }
 
 impl Method for vigil_acontrario::AcontrarioDetector {
@@ -68,6 +73,9 @@ impl Method for vigil_draem::DraemDetector {
     fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
         Self::new(settings)
     }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(vigil_draem::DraemSpec::complete(settings)).expect("settings serialise")
+    }
     fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
         Self::load(settings, state)
     }
@@ -77,6 +85,8 @@ pub struct MethodEntry {
     pub name: &'static str,
     pub summary: &'static str,
     pub default_settings: Value,
+    /// The defaults with every setting's value (for listing; see [`Method::resolved_settings`]).
+    pub resolved_defaults: Value,
     pub build: fn(&Value) -> Result<Box<dyn Detector>>,
     pub load: fn(&Value, &TensorBag) -> Result<Box<dyn Detector>>,
     pub learns: fn(&Value) -> bool,
@@ -100,6 +110,7 @@ fn entry<M: Method>(name: &'static str, summary: &'static str, defaults: M::Sett
     MethodEntry {
         name,
         summary,
+        resolved_defaults: M::resolved_settings(&defaults),
         default_settings: serde_json::to_value(defaults).expect("settings serialise"),
         build: build_as::<M>,
         load: load_as::<M>,
@@ -137,12 +148,14 @@ pub fn registry() -> Vec<MethodEntry> {
         entry::<DraemDetector>(
             "draem",
             "DRAEM: reconstructive auto-encoder + discriminative U-Net trained on synthetic anomalies (Perlin \
-             masks, texture source, cutout). Default: the CPU preset (64 px, narrow widths, 400 steps).",
+             masks, texture source, cutout). Default: the CPU preset (64 px, narrow widths, 400 steps); \
+             `preset=paper` is the official configuration.",
             DraemSettings::cpu(Variant::Draem),
         ),
         entry::<DraemDetector>(
             "draem-unetpp",
-            "DRAEM with a Nested U-Net (UNet++) reconstructive sub-network (seed 000). Default: CPU preset.",
+            "DRAEM with a Nested U-Net (UNet++) reconstructive sub-network (seed 000). Default: the CPU preset; \
+             `preset=paper` is the seed's configuration (512 px, lambda 2 on SSIM, opacity [0.2, 1]).",
             DraemSettings::cpu(Variant::Unetpp),
         ),
     ]
