@@ -12,7 +12,7 @@
 //! Columns: "no overlap" is the old default (`--tile 128`, overlap 0); "overlap 32, mean" the old
 //! stitching with `--overlap 32` (equal weights, log10 NFA the minimum over tiles); "blend" the
 //! raised-cosine blend on the same tiles; "after" the tiled scoring of
-//! `vigil_data::score_detector_tiled` (the blend, and for the a contrario test-image mode the
+//! `vigil_engine::tiling::score_detector_tiled` (the blend, and for the a contrario test-image mode the
 //! statistics from the whole image); "untiled" the whole image scored at once, measured on the
 //! same lines: what an unseamed map of this image gives (the methods that learn resize the whole
 //! image to their input size, so their untiled map is coarser).
@@ -26,8 +26,10 @@ use image::RgbImage;
 use vigil_acontrario::{AcontrarioDetector, AcontrarioSettings, Feature, NfaVariant};
 use vigil_bench::arg;
 use vigil_core::{Detector, FitContext, Image, InMemorySource, Map, Result, ScoreOutput, VigilError};
-use vigil_data::{default_overlap, score_detector_tiled, seam_measure, SeamMeasure, Stitcher, TileGrid};
 use vigil_draem::{DraemDetector, DraemSettings, Variant};
+use vigil_engine::tiling::{
+    default_overlap, score_detector_tiled, seam_measure, SeamMeasure, Stitcher, TileGrid,
+};
 use vigil_padim::{PadimDetector, PadimSettings};
 use vigil_patchcore::{PatchcoreDetector, PatchcoreSettings};
 use vigil_uflow::{UflowDetector, UflowSettings};

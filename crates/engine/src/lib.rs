@@ -13,6 +13,7 @@
 
 pub mod evaluate;
 pub mod fit;
+pub mod ignore;
 pub mod model;
 pub mod outputs;
 pub mod pipeline;
@@ -20,6 +21,7 @@ pub mod progress;
 pub mod registry;
 pub mod report;
 pub mod run;
+pub mod tiling;
 
 pub use evaluate::{evaluate, EvalOptions, Evaluation, ItemResult, Metrics};
 pub use fit::{fit, training_images, FitOptions};

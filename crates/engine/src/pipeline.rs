@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::ignore::IgnoreMode;
+use crate::tiling::TiledSource;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use vigil_core::{ChannelMode, Detector, Image, ImageSource, Map, Mask, ModelFile};
-use vigil_data::ignore::IgnoreMode;
 use vigil_data::source::{BadFilePolicy, FileSource, SourceOptions};
-use vigil_data::tiling::TiledSource;
 use vigil_metrics::ImageScoreReduction;
 use vigil_register::{Registration, RegistrationSettings};
 
@@ -157,7 +157,7 @@ impl Pipeline {
         }
         let settings = PipelineSettings {
             tile: options.tile,
-            overlap: options.overlap.or(options.tile.map(vigil_data::default_overlap)).unwrap_or(0),
+            overlap: options.overlap.or(options.tile.map(crate::tiling::default_overlap)).unwrap_or(0),
             ignore_mode,
             ignore_path: options.ignore.clone(),
             image_score: options.image_score,
@@ -343,14 +343,10 @@ impl Pipeline {
         let before = self.before();
         let method_ignore = ignore.as_ref().filter(|_| before);
         let out = match self.settings.tile {
-            Some(tile) => vigil_data::tiling::score_detector_tiled(
-                image,
-                method_ignore,
-                tile,
-                self.settings.overlap,
-                det,
-            )
-            .with_context(|| format!("{name}: tiled scoring"))?,
+            Some(tile) => {
+                crate::tiling::score_detector_tiled(image, method_ignore, tile, self.settings.overlap, det)
+                    .with_context(|| format!("{name}: tiled scoring"))?
+            }
             None => det.score(image, method_ignore).with_context(|| name.to_string())?,
         };
         let (mut map, mut nfa, mut own_score) = (out.map, out.log10_nfa, out.image_score);
@@ -372,7 +368,7 @@ impl Pipeline {
             (a, b) => a.or(b).cloned(),
         };
         if let Some(cleared) = &cleared {
-            vigil_data::ignore::apply_after(&mut map, cleared)?;
+            crate::ignore::apply_after(&mut map, cleared)?;
             if let Some(n) = nfa.as_mut() {
                 silence_nfa(n, cleared);
             }

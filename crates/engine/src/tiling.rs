@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use vigil_core::{Detector, Image, ImageSource, Map, Mask, Result, ScoreOutput, VigilError};
 
-use crate::source::FileSource;
+use vigil_data::source::FileSource;
 
 /// A tile's window in the image, in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -450,9 +450,9 @@ impl ImageSource for TiledSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::load_image;
-    use crate::source::SourceOptions;
     use vigil_core::ChannelMode;
+    use vigil_data::io::load_image;
+    use vigil_data::source::SourceOptions;
 
     fn map_of(image: &Image) -> Map {
         Map::new(image.width, image.height, image.channel(0).to_vec()).unwrap()
@@ -633,7 +633,7 @@ mod tests {
     fn tiled_source_crops_the_ignore_mask_and_rejects_small_images() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("small.png");
-        crate::testutil::write_gray8(&path, 10, 6, |x, y| (x + y) as u8);
+        image::GrayImage::from_fn(10, 6, |x, y| image::Luma([(x + y) as u8])).save(&path).unwrap();
         let mut ignore = Mask::empty(10, 6);
         ignore.data[5] = true; // x=5, y=0
         let options = SourceOptions { ignore: Some(ignore), ..SourceOptions::new(ChannelMode::Gray) };

@@ -1,10 +1,11 @@
 //! Times the large-image path: decode a 16-bit gray scan, cut it into tiles, stitch the tile maps.
-//! Run: cargo run --release -p vigil-data --example tiling_bench -- [side] [tile] [overlap]
+//! Run: cargo run --release -p vigil-engine --example tiling_bench -- [side] [tile] [overlap]
 
 use std::time::Instant;
 
 use vigil_core::{Map, ScoreOutput};
-use vigil_data::{load_image, score_tiled, TileGrid};
+use vigil_data::load_image;
+use vigil_engine::tiling::{score_tiled, TileGrid};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;

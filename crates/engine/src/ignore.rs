@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use vigil_core::{Map, Mask, Result, VigilError};
 
-use crate::io::load_mask;
+use vigil_data::io::load_mask;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -80,7 +80,6 @@ pub fn apply_after(map: &mut Map, ignore: &Mask) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::write_gray8;
 
     #[test]
     fn ignored_pixels_take_the_kept_minimum() {
@@ -96,13 +95,15 @@ mod tests {
     fn ignore_mask_loading_checks_size_and_coverage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ignore.png");
-        write_gray8(&path, 4, 2, |x, _| if x == 0 { 255 } else { 0 });
+        image::GrayImage::from_fn(4, 2, |x, _| image::Luma([if x == 0 { 255 } else { 0 }]))
+            .save(&path)
+            .unwrap();
         assert_eq!(load_ignore_mask(&path, (4, 2), false).unwrap().count(), 2);
         let err = load_ignore_mask(&path, (8, 4), false).unwrap_err().to_string();
         assert!(err.contains("4x2") && err.contains("8x4"), "{err}");
         assert_eq!(load_ignore_mask(&path, (8, 4), true).unwrap().count(), 8);
         let full = dir.path().join("full.png");
-        write_gray8(&full, 4, 2, |_, _| 1);
+        image::GrayImage::from_fn(4, 2, |_, _| image::Luma([1])).save(&full).unwrap();
         assert!(load_ignore_mask(&full, (4, 2), false).unwrap_err().to_string().contains("whole image"));
         assert_eq!("After".parse::<IgnoreMode>().unwrap(), IgnoreMode::After);
         assert!("never".parse::<IgnoreMode>().is_err());
