@@ -61,20 +61,29 @@ pub fn apply_after(map: &mut Map, ignore: &Mask) -> Result<()> {
             ignore.width, ignore.height, map.width, map.height
         )));
     }
-    let floor = map
-        .data
-        .iter()
-        .zip(&ignore.data)
-        .filter(|(_, &ignored)| !ignored)
-        .map(|(&v, _)| v)
-        .fold(f32::INFINITY, f32::min);
+    let floor = kept_values(map, ignore).fold(f32::INFINITY, f32::min);
     if floor == f32::INFINITY {
         return Err(VigilError::invalid("ignore mask covers the whole anomaly map"));
     }
-    for (v, _) in map.data.iter_mut().zip(&ignore.data).filter(|(_, &ignored)| ignored) {
-        *v = floor;
-    }
+    fill_ignored(map, ignore, floor);
     Ok(())
+}
+
+/// Ignored pixels must never count as detections: they get the least significant log10 NFA of
+/// the kept pixels, and at least NFA 1 (log10 NFA 0 or more).
+pub fn silence_nfa(log10_nfa: &mut Map, ignore: &Mask) {
+    let quiet = kept_values(log10_nfa, ignore).fold(0.0f32, f32::max).max(1.0);
+    fill_ignored(log10_nfa, ignore, quiet);
+}
+
+fn kept_values<'a>(map: &'a Map, ignore: &'a Mask) -> impl Iterator<Item = f32> + 'a {
+    map.data.iter().zip(&ignore.data).filter(|(_, &ignored)| !ignored).map(|(&v, _)| v)
+}
+
+fn fill_ignored(map: &mut Map, ignore: &Mask, value: f32) {
+    for (v, _) in map.data.iter_mut().zip(&ignore.data).filter(|(_, &ignored)| ignored) {
+        *v = value;
+    }
 }
 
 #[cfg(test)]

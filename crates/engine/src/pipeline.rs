@@ -370,7 +370,7 @@ impl Pipeline {
         if let Some(cleared) = &cleared {
             crate::ignore::apply_after(&mut map, cleared)?;
             if let Some(n) = nfa.as_mut() {
-                silence_nfa(n, cleared);
+                crate::ignore::silence_nfa(n, cleared);
             }
             if !before || unseen.is_some() {
                 own_score = None;
@@ -478,23 +478,6 @@ impl ImageSource for RegisteredSource<'_> {
         match (self.inner.ignore_mask(index), unseen) {
             (Some(a), Some(b)) => Some(union(&a, &b)),
             (a, b) => a.or(b),
-        }
-    }
-}
-
-/// Ignored pixels must never count as detections: give them the least significant NFA seen (at least 1).
-fn silence_nfa(nfa: &mut Map, ignore: &Mask) {
-    let quiet = nfa
-        .data
-        .iter()
-        .zip(&ignore.data)
-        .filter(|(_, &ig)| !ig)
-        .map(|(&v, _)| v)
-        .fold(0.0f32, f32::max)
-        .max(1.0);
-    for (v, &ig) in nfa.data.iter_mut().zip(&ignore.data) {
-        if ig {
-            *v = quiet;
         }
     }
 }
