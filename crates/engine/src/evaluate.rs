@@ -8,7 +8,8 @@ use vigil_core::{Mask, Threshold};
 use crate::model::Model;
 use crate::run::{score_items, Event, Item, LoopOptions, Skipped};
 
-/// Per-image outcome kept for metrics and the report (maps are kept; images are reduced to a thumbnail).
+/// Per-image outcome kept for metrics and the report (maps are kept; images are reduced to the
+/// report's encoded pictures).
 pub struct ItemResult {
     pub item: Item,
     pub image_score: f32,
@@ -19,7 +20,10 @@ pub struct ItemResult {
     pub predicted: Mask,
     pub verdict: bool,
     pub seconds: f64,
+    /// The overlay thumbnail as PNG (what `--save-maps` writes beside each map).
     pub thumbnail_png: Vec<u8>,
+    /// Original, heatmap and overlay (predicted and ground-truth outlines) for the report.
+    pub pictures: vigil_report::ItemPictures,
     pub width: usize,
     pub height: usize,
 }
@@ -81,8 +85,13 @@ pub fn evaluate(model: &Model, items: &[Item], options: EvalOptions) -> Result<E
         score_items(model.detector.as_ref(), &model.pipeline, items, loop_options, "scoring", |event| {
             let Event::Scored(s) = event else { return Ok(()) };
             let predicted = model.pixel_verdicts(&s.scored);
-            let thumbnail_png =
-                crate::report::thumbnail(&s.image, &s.scored.map, &model.pixel_threshold, &predicted)?;
+            let (pictures, thumbnail_png) = crate::report::pictures(
+                &s.image,
+                &s.scored.map,
+                &model.pixel_threshold,
+                &predicted,
+                s.truth.as_ref(),
+            )?;
             results.push(ItemResult {
                 item: s.item.clone(),
                 image_score: s.scored.image_score,
@@ -95,6 +104,7 @@ pub fn evaluate(model: &Model, items: &[Item], options: EvalOptions) -> Result<E
                 predicted,
                 seconds: s.seconds,
                 thumbnail_png,
+                pictures,
             });
             Ok(())
         })?;
@@ -162,6 +172,79 @@ pub fn compute_metrics(results: &[ItemResult], aupro_limit: f64) -> Result<Metri
     Ok(m)
 }
 
+/// Figures of one defect kind (MVTec-style test sub-folder).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KindMetrics {
+    pub kind: String,
+    pub images: usize,
+    /// Images known to be anomalous.
+    pub anomalous: usize,
+    /// Images the model flagged.
+    pub flagged: usize,
+    /// Mean of the score the caller chose (the thresholded quantity).
+    pub mean_score: f64,
+    /// Pixel figures at the pixel threshold over the kind's images whose ground truth has defect
+    /// pixels; `None` when it has none.
+    pub pixels: Option<KindPixelMetrics>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KindPixelMetrics {
+    /// Images with a non-empty ground-truth mask.
+    pub masked_images: usize,
+    /// Of those, images where at least one ground-truth pixel was flagged.
+    pub detected_images: usize,
+    pub recall: f64,
+    pub precision: f64,
+    /// Mean per-image IoU of the predicted and true regions.
+    pub miou: f64,
+}
+
+/// Per-kind figures, kinds in name order; `score` gives each image's shown score.
+pub fn kind_metrics(results: &[ItemResult], score: impl Fn(&ItemResult) -> f64) -> Result<Vec<KindMetrics>> {
+    use vigil_metrics as vm;
+    let mut kinds: std::collections::BTreeMap<&str, Vec<&ItemResult>> = Default::default();
+    for r in results {
+        kinds.entry(r.item.kind.as_str()).or_default().push(r);
+    }
+    kinds
+        .into_iter()
+        .map(|(kind, rs)| {
+            let masked: Vec<&&ItemResult> =
+                rs.iter().filter(|r| r.gt.as_ref().is_some_and(|g| g.count() > 0)).collect();
+            let pixels = if masked.is_empty() {
+                None
+            } else {
+                let truth: Vec<&[bool]> =
+                    masked.iter().map(|r| r.gt.as_ref().unwrap().data.as_slice()).collect();
+                let predicted: Vec<&[bool]> = masked.iter().map(|r| r.predicted.data.as_slice()).collect();
+                let mut detected_images = 0;
+                for (p, t) in predicted.iter().zip(&truth) {
+                    detected_images += usize::from(vm::BinaryCounts::from_decisions(p, t)?.tp > 0);
+                }
+                let flat_pred: Vec<bool> = predicted.iter().flat_map(|p| p.iter().copied()).collect();
+                let flat_truth: Vec<bool> = truth.iter().flat_map(|t| t.iter().copied()).collect();
+                let total = vm::BinaryCounts::from_decisions(&flat_pred, &flat_truth)?;
+                Some(KindPixelMetrics {
+                    masked_images: masked.len(),
+                    detected_images,
+                    recall: total.recall(),
+                    precision: total.precision(),
+                    miou: vm::mean_iou(&predicted, &truth)?,
+                })
+            };
+            Ok(KindMetrics {
+                kind: kind.to_string(),
+                images: rs.len(),
+                anomalous: rs.iter().filter(|r| r.item.label == Some(true)).count(),
+                flagged: rs.iter().filter(|r| r.verdict).count(),
+                mean_score: rs.iter().map(|r| score(r)).sum::<f64>() / rs.len() as f64,
+                pixels,
+            })
+        })
+        .collect()
+}
+
 pub fn print_metrics(m: &Metrics) {
     for (name, value) in metric_rows(m) {
         println!("  {name:<34} {value}");
@@ -190,4 +273,76 @@ pub fn metric_rows(m: &Metrics) -> Vec<(String, String)> {
         ("false regions per normal image".into(), f(m.false_regions_per_normal_image)),
         ("seconds per image".into(), format!("{:.4}", m.seconds_per_image)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use vigil_core::{Image, Map};
+
+    /// A 4x4 result of `kind` whose predicted region and ground truth are the given pixel sets.
+    fn result(
+        kind: &str,
+        label: bool,
+        verdict: bool,
+        score: f32,
+        predicted: &[usize],
+        truth: Option<&[usize]>,
+    ) -> ItemResult {
+        let mask = |on: &[usize]| Mask::new(4, 4, (0..16).map(|i| on.contains(&i)).collect()).unwrap();
+        let (image, map, predicted) = (Image::zeros(4, 4, 1), Map::filled(4, 4, score), mask(predicted));
+        let gt = truth.map(mask);
+        let pictures =
+            vigil_report::ItemPictures::render(&image, &map, (0.0, 1.0), &predicted, gt.as_ref()).unwrap();
+        ItemResult {
+            item: Item {
+                path: PathBuf::from(format!("{kind}.png")),
+                name: kind.into(),
+                label: Some(label),
+                kind: kind.into(),
+                mask: None,
+            },
+            image_score: score,
+            decided_value: score as f64,
+            map: map.data,
+            gt,
+            predicted,
+            verdict,
+            seconds: 0.0,
+            thumbnail_png: Vec::new(),
+            pictures,
+            width: 4,
+            height: 4,
+        }
+    }
+
+    #[test]
+    fn kind_metrics_count_flags_and_pixel_figures_per_kind() {
+        let results = vec![
+            result("good", false, false, 0.1, &[], Some(&[])),
+            result("good", false, true, 0.7, &[0], Some(&[])),
+            // scratch: one image half found (2 of 4 true pixels, 1 false pixel), one missed
+            result("scratch", true, true, 0.9, &[0, 1, 15], Some(&[0, 1, 2, 3])),
+            result("scratch", true, false, 0.3, &[], Some(&[5, 6])),
+            // no mask at all: image labels only
+            result("stain", true, true, 0.8, &[3], None),
+        ];
+        let kinds = kind_metrics(&results, |r| 10.0 * r.image_score as f64).unwrap();
+        let names: Vec<&str> = kinds.iter().map(|k| k.kind.as_str()).collect();
+        assert_eq!(names, ["good", "scratch", "stain"]);
+        let good = &kinds[0];
+        assert_eq!((good.images, good.anomalous, good.flagged), (2, 0, 1));
+        assert!((good.mean_score - 4.0).abs() < 1e-5, "mean of the given score: {}", good.mean_score);
+        assert_eq!(good.pixels, None, "normal images have no defect pixels");
+        let scratch = &kinds[1];
+        assert_eq!((scratch.images, scratch.anomalous, scratch.flagged), (2, 2, 1));
+        let p = scratch.pixels.as_ref().unwrap();
+        assert_eq!((p.masked_images, p.detected_images), (2, 1));
+        assert!((p.recall - 2.0 / 6.0).abs() < 1e-12, "{}", p.recall);
+        assert!((p.precision - 2.0 / 3.0).abs() < 1e-12, "{}", p.precision);
+        // per-image IoU 2/5 and 0
+        assert!((p.miou - 0.2).abs() < 1e-12, "{}", p.miou);
+        assert_eq!(kinds[2].pixels, None);
+    }
 }

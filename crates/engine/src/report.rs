@@ -1,13 +1,12 @@
-//! Report assembly: thumbnails, overlays and the data of the HTML report, from an evaluation.
+//! Report assembly: pictures, overlays and the data of the HTML report, from an evaluation.
 
 use anyhow::Result;
 use vigil_core::{Image, Map, Mask, Threshold};
-use vigil_report::html::{Curve, ReportData, ReportItem, ReportThreshold};
+use vigil_report::html::{Curve, KindPixels, KindRow, ReportData, ReportItem, ReportThreshold};
+use vigil_report::{ItemPictures, Views, LARGE_VIEW_MAX_SIDE, THUMBNAIL_MAX_SIDE};
 
-use crate::evaluate::{metric_rows, Evaluation};
+use crate::evaluate::{kind_metrics, metric_rows, Evaluation, ItemResult};
 use crate::model::Model;
-
-const THUMBNAIL: usize = 160;
 
 /// The colour range of overlays: from the pixel threshold's neighbourhood down to zero, so that
 /// "hot" means "above threshold" in every image of a run, comparable across images.
@@ -20,17 +19,21 @@ fn overlay_range(map: &Map, pixel_t: &Threshold) -> (f32, f32) {
     (lo, hi.max(lo + f32::EPSILON))
 }
 
-/// A small overlay (colour map + outline of the predicted region) for reports.
-pub fn thumbnail(image: &Image, map: &Map, pixel_t: &Threshold, predicted: &Mask) -> Result<Vec<u8>> {
-    let (lo, hi) = overlay_range(map, pixel_t);
-    let scale = (THUMBNAIL as f32 / image.width.max(image.height) as f32).min(1.0);
-    let (w, h) =
-        (((image.width as f32 * scale) as usize).max(1), ((image.height as f32 * scale) as usize).max(1));
-    let small_image = image.resize_bilinear(w, h);
-    let small_map = map.resize_bilinear(w, h);
-    let small_pred = predicted.resize_nearest(w, h);
-    let rgb = vigil_report::overlay(&small_image, &small_map, lo, hi, Some(&small_pred), 0.5);
-    Ok(vigil_report::encode_png(&rgb)?)
+/// The report's pictures of a scored image (original, heatmap, overlay with the predicted and,
+/// where there is one, the ground-truth outline; thumbnails and larger views) and the overlay
+/// thumbnail as PNG, coloured on the same scale as every other image of the run.
+pub fn pictures(
+    image: &Image,
+    map: &Map,
+    pixel_t: &Threshold,
+    predicted: &Mask,
+    truth: Option<&Mask>,
+) -> Result<(ItemPictures, Vec<u8>)> {
+    let range = overlay_range(map, pixel_t);
+    let small = Views::render(image, map, range, predicted, truth, THUMBNAIL_MAX_SIDE);
+    let large = Views::render(image, map, range, predicted, truth, LARGE_VIEW_MAX_SIDE);
+    let thumbnail_png = vigil_report::encode_png(&small.overlay)?;
+    Ok((ItemPictures::encode(&small, &large)?, thumbnail_png))
 }
 
 pub fn full_overlay(image: &Image, map: &Map, pixel_t: &Threshold, predicted: &Mask) -> Result<Vec<u8>> {
@@ -84,6 +87,7 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
     // The report shows the quantity the threshold decides on: for NFA thresholds the NFA of the
     // most significant region (as -log10 NFA, so that larger is more anomalous like a score).
     let nfa = image_t.log10_nfa_level().is_some();
+    let shown_score = |r: &ItemResult| if nfa { -r.decided_value } else { r.image_score as f64 };
     let items = eval
         .results
         .iter()
@@ -93,10 +97,10 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
                 r.item.kind,
                 r.item.path.file_name().unwrap_or_default().to_string_lossy()
             ),
-            score: if nfa { -r.decided_value } else { r.image_score as f64 },
+            score: shown_score(r),
             label: r.item.label,
             verdict: r.verdict,
-            thumbnail_png: r.thumbnail_png.clone(),
+            pictures: r.pictures.clone(),
             detail: nfa.then(|| format!("image score {}", vigil_report::format_score(r.image_score as f64))),
         })
         .collect();
@@ -106,30 +110,95 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
         "Image F1-max uses the best threshold chosen on the test labels: an upper bound, not a deployable figure."
             .to_string(),
     ];
+    let kinds = match kind_metrics(&eval.results, shown_score) {
+        Ok(kinds) => kinds
+            .into_iter()
+            .map(|k| KindRow {
+                kind: if k.kind.is_empty() { "(no kind)".into() } else { k.kind },
+                images: k.images,
+                anomalous: k.anomalous,
+                flagged: k.flagged,
+                mean_score: k.mean_score,
+                pixels: k.pixels.map(|p| KindPixels {
+                    masked_images: p.masked_images,
+                    detected_images: p.detected_images,
+                    recall: p.recall,
+                    precision: p.precision,
+                    miou: p.miou,
+                }),
+            })
+            .collect(),
+        Err(e) => {
+            notes.push(format!("Per-kind figures are missing: {e:#}"));
+            Vec::new()
+        }
+    };
     for skipped in &eval.skipped {
         notes.push(format!("Skipped (--skip-bad): {}: {}", skipped.path.display(), skipped.reason));
+    }
+    let mut threshold = ReportThreshold::from(image_t);
+    if nfa {
+        threshold.quantity = "-log10 NFA of the most significant region".into();
     }
     ReportData {
         title: format!("vigil — {} on {}", model.method, dataset),
         method: model.method.clone(),
         dataset: dataset.to_string(),
         settings_json: serde_json::to_string_pretty(&model.settings).unwrap_or_default(),
-        threshold: Some(ReportThreshold {
-            kind: image_t.kind.to_string(),
-            level: "image".into(),
-            value: image_t.log10_nfa_level().map_or(image_t.value, |level| -level),
-            quantity: if nfa {
-                "-log10 NFA of the most significant region".into()
-            } else {
-                "image score".into()
-            },
-        }),
+        threshold: Some(threshold),
+        model: model_rows(model),
         metrics: metric_rows(&eval.metrics),
         curves,
+        kinds,
         items,
         notes,
         timings: vec![("seconds per image".into(), format!("{:.4}", eval.metrics.seconds_per_image))],
     }
+}
+
+/// A threshold in words: how it was chosen, the rule it decides by, and its sample count.
+fn threshold_text(t: &Threshold) -> String {
+    let rule = match t.log10_nfa_level() {
+        Some(level) => format!("anomalous when log10 NFA <= {level}"),
+        None => format!("anomalous when score > {}", t.value),
+    };
+    format!("{} · {rule} · {} sample(s)", t.kind, t.n_samples)
+}
+
+/// The model as the report's "Model" table: what was fitted, on how many images, with which
+/// seed, thresholds and pretrained weights. Facts a model file does not record are left out.
+fn model_rows(model: &Model) -> Vec<(String, String)> {
+    let info = &model.fit_info;
+    let mut rows = vec![("method".to_string(), model.method.clone())];
+    let mut fact = |name: &str, key: &str| {
+        if let Some(v) = info.get(key).filter(|v| !v.is_null()) {
+            let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+            rows.push((name.to_string(), text));
+        }
+    };
+    fact("seed", "seed");
+    fact("training images", "train_images");
+    fact("validation images", "validation_images");
+    fact("fitted on all images (no held-out set)", "fit_on_all");
+    fact("fit seconds", "fit_seconds");
+    fact("NFA check on held-out normals", "nfa_check");
+    if let Some(skipped) = info.get("validation_skipped").and_then(|v| v.as_array()).filter(|a| !a.is_empty())
+    {
+        rows.push(("validation files skipped".into(), skipped.len().to_string()));
+    }
+    rows.push(("image threshold".into(), threshold_text(&model.image_threshold)));
+    rows.push(("pixel threshold".into(), threshold_text(&model.pixel_threshold)));
+    if let Ok(pipeline) = serde_json::to_string(&model.pipeline.settings) {
+        rows.push(("pipeline".into(), pipeline));
+    }
+    for w in &model.weights {
+        rows.push(("pretrained weights".into(), format!("{} (SHA-256 {})", w.path.display(), w.sha256)));
+    }
+    if model.weights.is_empty() {
+        rows.push(("pretrained weights".into(), "none recorded".into()));
+    }
+    rows.push(("report written by".into(), format!("vigil {}", env!("CARGO_PKG_VERSION"))));
+    rows
 }
 
 /// A predicted region as a black-and-white PNG (white = anomalous).

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use vigil_core::{Image, Map, Mask, Result, Threshold, ThresholdKind, ThresholdLevel, VigilError};
-use vigil_report::{
-    encode_png, overlay, robust_range, write_html, Curve, ReportData, ReportItem, ReportThreshold,
-};
+use vigil_report::{robust_range, write_html, Curve, ItemPictures, ReportData, ReportItem, ReportThreshold};
 
 const BACKGROUND_SIGMA: f32 = 8.0;
 const SMOOTH_SIGMA: f32 = 1.0;
@@ -212,14 +210,13 @@ fn main() -> Result<()> {
         let predicted =
             Mask::new(map.width, map.height, map.data.iter().map(|v| *v > pixel_threshold).collect())?;
         let score = map.max() as f64;
-        let thumb = overlay(image, map, lo, hi, Some(&predicted), 0.45);
         let gt_pixels = gt.as_ref().map_or(0, Mask::count);
         items.push(ReportItem {
             name: name.clone(),
             score,
             label: Some(*anomalous),
             verdict: score > image_threshold.value,
-            thumbnail_png: encode_png(&thumb)?,
+            pictures: ItemPictures::render(image, map, (lo, hi), &predicted, gt.as_ref())?,
             detail: Some(format!("{} px predicted, {gt_pixels} px in ground truth", predicted.count())),
         });
     }
@@ -271,6 +268,8 @@ fn main() -> Result<()> {
                 x_max: Some(PRO_FPR_LIMIT),
             },
         ],
+        model: Vec::new(),
+        kinds: Vec::new(),
         items,
         notes: vec![
             format!(

@@ -13,6 +13,10 @@ use crate::colormap::{normalize, turbo};
 /// Magenta: absent from Turbo and far from gray, so the outline stands out on both.
 pub const OUTLINE_COLOUR: [u8; 3] = [255, 0, 255];
 
+/// White: absent from Turbo and from the magenta prediction outline, so the ground truth reads
+/// as a third colour on both the heatmap and gray image regions.
+pub const TRUTH_COLOUR: [u8; 3] = [255, 255, 255];
+
 /// Where the anomaly map is NaN: pure black, a colour Turbo does not contain.
 pub const INVALID_COLOUR: [u8; 3] = [0, 0, 0];
 
@@ -34,6 +38,63 @@ pub fn outline(mask: &Mask) -> Mask {
     Mask { width: mask.width, height: mask.height, data }
 }
 
+/// The ring just outside a mask: unset pixels with at least one set 8-neighbour. The ground truth
+/// is drawn there, the prediction on its own boundary ([`outline`]), so where the two regions
+/// coincide both lines stay visible side by side.
+pub fn outer_outline(mask: &Mask) -> Mask {
+    let (w, h) = (mask.width as isize, mask.height as isize);
+    let set = |y: isize, x: isize| x >= 0 && y >= 0 && x < w && y < h && mask.data[(y * w + x) as usize];
+    let mut data = vec![false; mask.data.len()];
+    for y in 0..h {
+        for x in 0..w {
+            if set(y, x) {
+                continue;
+            }
+            data[(y * w + x) as usize] = (-1..=1).any(|dy| (-1..=1).any(|dx| set(y + dy, x + dx)));
+        }
+    }
+    Mask { width: mask.width, height: mask.height, data }
+}
+
+/// Paints the pixels set in `edge` (of the image's size) with `colour`.
+pub fn draw_edge(img: &mut RgbImage, edge: &Mask, colour: [u8; 3]) {
+    for (pixel, &on) in img.pixels_mut().zip(&edge.data) {
+        if on {
+            pixel.0 = colour;
+        }
+    }
+}
+
+/// The image itself as 8-bit RGB, by the same channel rules as [`overlay`].
+pub fn to_rgb(image: &Image) -> RgbImage {
+    let black = vec![0f32; image.plane_len()];
+    let planes = display_planes(image, &black);
+    let mut out = RgbImage::new(image.width as u32, image.height as u32);
+    for (i, pixel) in out.pixels_mut().enumerate() {
+        pixel.0 = std::array::from_fn(|c| display_level(planes[c][i]).round() as u8);
+    }
+    out
+}
+
+/// The three planes shown as RGB: gray for one- and two-channel images (the second channel is
+/// alpha), the first three channels otherwise, `black` for a channel-less image.
+fn display_planes<'a>(image: &'a Image, black: &'a [f32]) -> [&'a [f32]; 3] {
+    match image.channels {
+        0 => [black; 3],
+        1 | 2 => [image.channel(0); 3],
+        _ => [image.channel(0), image.channel(1), image.channel(2)],
+    }
+}
+
+/// A sample in [0, 255]; NaN samples (a corrupt decode) show as black rather than poisoning a blend.
+fn display_level(v: f32) -> f32 {
+    if v.is_nan() {
+        0.0
+    } else {
+        v.clamp(0.0, 1.0) * 255.0
+    }
+}
+
 /// The anomaly map in Turbo colours blended over the image with weight `alpha` (0 = image only,
 /// 1 = heatmap only, clamped to that range), then the boundary of `predicted` drawn in
 /// [`OUTLINE_COLOUR`].
@@ -48,11 +109,7 @@ pub fn overlay(image: &Image, map: &Map, lo: f32, hi: f32, predicted: Option<&Ma
     let map = map.resize_bilinear(w, h);
     let edge = predicted.map(|m| outline(&m.resize_nearest(w, h)));
     let black = vec![0f32; image.plane_len()];
-    let planes: [&[f32]; 3] = match image.channels {
-        0 => [&black; 3],
-        1 | 2 => [image.channel(0); 3],
-        _ => [image.channel(0), image.channel(1), image.channel(2)],
-    };
+    let planes = display_planes(image, &black);
     let mut out = RgbImage::new(w as u32, h as u32);
     for (i, pixel) in out.pixels_mut().enumerate() {
         if edge.as_ref().is_some_and(|e| e.data[i]) {
@@ -65,9 +122,7 @@ pub fn overlay(image: &Image, map: &Map, lo: f32, hi: f32, predicted: Option<&Ma
         }
         let heat = turbo(normalize(map.data[i], lo, hi));
         pixel.0 = std::array::from_fn(|c| {
-            // NaN samples (a corrupt decode) clamp to black rather than poisoning the blend
-            let base = if planes[c][i].is_nan() { 0.0 } else { planes[c][i].clamp(0.0, 1.0) * 255.0 };
-            (base * (1.0 - alpha) + heat[c] as f32 * alpha).round() as u8
+            (display_level(planes[c][i]) * (1.0 - alpha) + heat[c] as f32 * alpha).round() as u8
         });
     }
     out
@@ -129,6 +184,32 @@ mod tests {
         let full = outline(&Mask::new(3, 3, vec![true; 9]).unwrap());
         assert_eq!(full.count(), 8);
         assert!(!full.get(1, 1));
+    }
+
+    #[test]
+    fn outer_outline_rings_the_region_from_outside() {
+        let mask = square_mask(8, 2, 6);
+        let ring = outer_outline(&mask);
+        // 4x4 square: the ring around it is 6x6 minus the square, 20 pixels, none inside the mask
+        assert_eq!(ring.count(), 20);
+        assert!(ring.get(1, 1) && ring.get(6, 6) && ring.get(1, 3));
+        assert!(!ring.get(2, 2) && !ring.get(0, 0) && !ring.get(7, 7));
+        assert!(ring.data.iter().zip(&mask.data).all(|(&r, &m)| !(r && m)));
+        // the ring and the inner outline of the same mask never share a pixel
+        assert!(ring.data.iter().zip(&outline(&mask).data).all(|(&r, &o)| !(r && o)));
+        let mut img = RgbImage::new(8, 8);
+        draw_edge(&mut img, &ring, TRUTH_COLOUR);
+        assert_eq!(img.pixels().filter(|p| p.0 == TRUTH_COLOUR).count(), 20);
+    }
+
+    #[test]
+    fn to_rgb_shows_gray_and_colour_images() {
+        let gray = Image::new(2, 1, 1, vec![0.2, f32::NAN]).unwrap();
+        let out = to_rgb(&gray);
+        assert_eq!(out.get_pixel(0, 0).0, [51, 51, 51]);
+        assert_eq!(out.get_pixel(1, 0).0, [0, 0, 0], "NaN shows as black");
+        let rgb = Image::new(1, 1, 3, vec![1.0, 0.0, 0.5]).unwrap();
+        assert_eq!(to_rgb(&rgb).get_pixel(0, 0).0, [255, 0, 128]);
     }
 
     #[test]

@@ -204,6 +204,157 @@ pub(crate) fn curve_svg(curve: &Curve, id: usize) -> Result<String> {
     Ok(s)
 }
 
+/// One group of values in a histogram.
+pub(crate) struct Series<'a> {
+    pub label: &'a str,
+    pub colour: &'a str,
+    pub values: Vec<f64>,
+}
+
+const HIST_WIDTH: f64 = 620.0;
+const HIST_HEIGHT: f64 = 300.0;
+/// Room for the title and the legend above the plot.
+const HIST_TOP: f64 = 52.0;
+const HIST_MIN_BINS: usize = 10;
+const HIST_MAX_BINS: usize = 40;
+const THRESHOLD_COLOUR: &str = "#1d2330";
+
+/// Bin count growing with the square root of the sample count, within [10, 40].
+fn bin_count(n: usize) -> usize {
+    ((n as f64).sqrt().ceil() as usize * 2).clamp(HIST_MIN_BINS, HIST_MAX_BINS)
+}
+
+/// A histogram of every series over shared bins, drawn as translucent overlapping bars so that
+/// where two groups overlap shows; an optional vertical line marks the threshold. Empty series
+/// are left out of the legend. Values must be finite.
+pub(crate) fn histogram_svg(
+    title: &str,
+    x_label: &str,
+    series: &[Series],
+    threshold: Option<(f64, String)>,
+) -> String {
+    let all = || series.iter().flat_map(|s| s.values.iter().copied());
+    let n = all().count();
+    let (mut lo, mut hi) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
+    if let Some((t, _)) = &threshold {
+        (lo, hi) = (lo.min(*t), hi.max(*t));
+    }
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi <= lo {
+        let pad = if lo == 0.0 { 0.5 } else { lo.abs() * 0.05 };
+        (lo, hi) = (lo - pad, hi + pad);
+    }
+    let bins = bin_count(n);
+    let width = (hi - lo) / bins as f64;
+    let bin_of = |v: f64| (((v - lo) / width) as usize).min(bins - 1);
+    let counts: Vec<Vec<usize>> = series
+        .iter()
+        .map(|s| {
+            let mut c = vec![0usize; bins];
+            for &v in &s.values {
+                c[bin_of(v)] += 1;
+            }
+            c
+        })
+        .collect();
+    let max_count = counts.iter().flatten().copied().max().unwrap_or(0);
+
+    let (xa, ya) = (Axis::covering(lo, hi), Axis::covering(0.0, max_count.max(5) as f64));
+    let (pw, ph) = (HIST_WIDTH - LEFT - RIGHT, HIST_HEIGHT - HIST_TOP - BOTTOM);
+    let px = |x: f64| LEFT + INSET + xa.fraction(x) * (pw - 2.0 * INSET);
+    let py = |y: f64| HIST_TOP + (1.0 - ya.fraction(y)) * ph;
+
+    let mut s = String::new();
+    let title = escape(title);
+    // `write!` into a String cannot fail; the results are ignored for that reason
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" class="curve histogram" width="{HIST_WIDTH}" height="{HIST_HEIGHT}" viewBox="0 0 {HIST_WIDTH} {HIST_HEIGHT}" role="img" aria-label="{title}"><title>{title}</title><text x="{LEFT}" y="20" class="ctitle">{title}</text>"#
+    );
+    let mut legend_x = LEFT;
+    for (serie, c) in series.iter().zip(&counts) {
+        let total: usize = c.iter().sum();
+        if total == 0 {
+            continue;
+        }
+        let label = format!("{} ({total})", serie.label);
+        let _ = write!(
+            s,
+            r#"<rect x="{legend_x:.1}" y="30" width="12" height="12" fill="{}" fill-opacity="0.55" stroke="{}"/><text x="{:.1}" y="40" class="axis">{}</text>"#,
+            serie.colour,
+            serie.colour,
+            legend_x + 16.0,
+            escape(&label)
+        );
+        legend_x += 28.0 + 7.0 * label.chars().count() as f64;
+    }
+    let (xd, yd) = (xa.decimals(), ya.decimals());
+    for t in xa.ticks() {
+        let x = px(t);
+        let _ = write!(
+            s,
+            r##"<line x1="{x:.1}" y1="{HIST_TOP}" x2="{x:.1}" y2="{:.1}" stroke="#e1e4e8"/><text x="{x:.1}" y="{:.1}" class="tick" text-anchor="middle">{t:.xd$}</text>"##,
+            HIST_TOP + ph,
+            HIST_TOP + ph + 16.0
+        );
+    }
+    for t in ya.ticks() {
+        let y = py(t);
+        let _ = write!(
+            s,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e1e4e8"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{t:.yd$}</text>"##,
+            LEFT + pw,
+            LEFT - 6.0,
+            y + 4.0
+        );
+    }
+    for (serie, c) in series.iter().zip(&counts) {
+        for (b, &count) in c.iter().enumerate().filter(|(_, &count)| count > 0) {
+            let (x0, x1) = (px(lo + b as f64 * width), px(lo + (b + 1) as f64 * width));
+            let y = py(count as f64);
+            let _ = write!(
+                s,
+                r#"<rect class="bin" x="{x0:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}" fill-opacity="0.55" stroke="{}"><title>{}: {count}</title></rect>"#,
+                (x1 - x0).max(1.0),
+                py(0.0) - y,
+                serie.colour,
+                serie.colour,
+                escape(serie.label)
+            );
+        }
+    }
+    let _ = write!(
+        s,
+        r##"<rect x="{LEFT}" y="{HIST_TOP}" width="{pw}" height="{ph}" fill="none" stroke="#4a5160"/>"##
+    );
+    if let Some((t, label)) = &threshold {
+        let x = px(*t);
+        let (label_x, anchor) = if x > LEFT + 0.7 * pw { (x - 4.0, "end") } else { (x + 4.0, "start") };
+        let _ = write!(
+            s,
+            r##"<line class="threshold" x1="{x:.1}" y1="{HIST_TOP}" x2="{x:.1}" y2="{:.1}" stroke="{THRESHOLD_COLOUR}" stroke-width="2" stroke-dasharray="6 3"/><text x="{label_x:.1}" y="{:.1}" class="limit" fill="{THRESHOLD_COLOUR}" text-anchor="{anchor}">{}</text>"##,
+            HIST_TOP + ph,
+            HIST_TOP + 14.0,
+            escape(label)
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" class="axis" text-anchor="middle">{}</text>"#,
+        LEFT + pw / 2.0,
+        HIST_HEIGHT - 10.0,
+        escape(x_label)
+    );
+    let (lx, ly) = (16.0, HIST_TOP + ph / 2.0);
+    let _ = write!(
+        s,
+        r#"<text x="{lx}" y="{ly:.1}" class="axis" text-anchor="middle" transform="rotate(-90 {lx} {ly:.1})">images</text></svg>"#
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +411,67 @@ mod tests {
         // the last point is always kept: the curve reaches (1, 1), the plot's upper-right corner
         let end = format!("{:.1},{:.1}\"", WIDTH - RIGHT - INSET, TOP + INSET);
         assert!(s.contains(&end), "{end}");
+    }
+
+    #[test]
+    fn histogram_counts_every_value_once_and_marks_the_threshold() {
+        let normal = Series { label: "normal", colour: "#2e7d32", values: vec![0.1, 0.2, 0.2, 0.3] };
+        let anomalous = Series { label: "anomalous", colour: "#c62828", values: vec![0.9, 1.0] };
+        let none = Series { label: "unlabelled", colour: "#6b7280", values: vec![] };
+        let s = histogram_svg(
+            "Scores",
+            "image score",
+            &[normal, anomalous, none],
+            Some((0.5, "threshold 0.5".into())),
+        );
+        assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
+        // every value lands in exactly one bar: the bars' counts add up to the six values
+        let counted: usize = s
+            .split("<title>")
+            .skip(2)
+            .filter_map(|t| t.split("</title>").next()?.rsplit(": ").next()?.parse::<usize>().ok())
+            .sum();
+        assert_eq!(counted, 6);
+        assert!(s.contains("normal (4)") && s.contains("anomalous (2)"));
+        assert!(!s.contains("unlabelled"), "empty series left out of the legend");
+        assert_eq!(s.matches("class=\"threshold\"").count(), 1);
+        assert!(s.contains("threshold 0.5"));
+        // the threshold line sits between the normal bars (left) and the anomalous bars (right)
+        let x_of = |marker: &str| -> f64 {
+            let at = s.find(marker).unwrap();
+            let rest = &s[at..];
+            rest.split("x1=\"")
+                .nth(1)
+                .or_else(|| rest.split("x=\"").nth(1))
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let line = x_of("class=\"threshold\"");
+        let bars: Vec<(f64, bool)> = s
+            .match_indices("class=\"bin\"")
+            .map(|(at, _)| {
+                let x: f64 =
+                    s[at..].split("x=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+                (x, s[at..].split("fill=\"").nth(1).unwrap().starts_with("#c62828"))
+            })
+            .collect();
+        assert!(bars.iter().all(|&(x, red)| if red { x > line } else { x < line }), "{bars:?} vs {line}");
+    }
+
+    #[test]
+    fn histogram_of_one_value_or_none_is_still_drawn() {
+        let one = Series { label: "normal", colour: "#2e7d32", values: vec![3.0, 3.0] };
+        let s = histogram_svg("Scores", "score", &[one], None);
+        assert_eq!(s.matches("class=\"bin\"").count(), 1);
+        assert!(!s.contains("class=\"threshold\""));
+        let s = histogram_svg("Scores", "score", &[], Some((2.0, "t".into())));
+        assert_eq!(s.matches("class=\"bin\"").count(), 0);
+        assert_eq!(bin_count(0), HIST_MIN_BINS);
+        assert_eq!(bin_count(10_000), HIST_MAX_BINS);
     }
 
     #[test]

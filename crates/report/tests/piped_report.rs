@@ -5,7 +5,9 @@ use std::path::Path;
 
 use vigil_core::shared_data::shared_path;
 use vigil_core::{Image, Map, Mask};
-use vigil_report::{encode_png, outline, overlay, render_html, ReportData, ReportItem, OUTLINE_COLOUR};
+use vigil_report::{
+    outline, overlay, render_html, ItemPictures, ReportData, ReportItem, LARGE_VIEW_MAX_SIDE, OUTLINE_COLOUR,
+};
 
 const CLASS: &str = "PA_BFT01_TL";
 const ITEMS: usize = 12;
@@ -54,13 +56,24 @@ fn real_overlays_outline_the_ground_truth_and_the_report_stays_small() {
             score: map.max() as f64,
             label: Some(true),
             verdict: true,
-            thumbnail_png: encode_png(&out).unwrap(),
+            pictures: ItemPictures::render(&image, &map, (0.0, 1.0), &mask, Some(&mask)).unwrap(),
             detail: None,
         });
     }
     let html = render_html(&ReportData { title: "PIPED".into(), items, ..ReportData::default() }).unwrap();
-    assert_eq!(html.matches("<img").count(), ITEMS);
-    // a few hundred thumbnails must stay within a few megabytes
+    // original, heatmap and overlay, each as a thumbnail and a larger view
+    assert_eq!(html.matches("<img").count(), 6 * ITEMS);
+    // every picture within the bound; these 128x128 images are embedded at their own size
+    let long_side = |tag: &str| -> u32 {
+        let attr = |name: &str| -> u32 {
+            tag.split(&format!("{name}=\"")).nth(1).unwrap().split('"').next().unwrap().parse().unwrap()
+        };
+        attr("width").max(attr("height"))
+    };
+    let sides: Vec<u32> = html.split("<img ").skip(1).map(long_side).collect();
+    assert!(sides.iter().all(|&s| s <= LARGE_VIEW_MAX_SIDE.min(128)), "{sides:?}");
+    // a few hundred images must stay within a few tens of megabytes
     let per_item = html.len() / ITEMS;
-    assert!(per_item < 20_000, "{per_item} bytes per thumbnail");
+    eprintln!("{per_item} bytes per item");
+    assert!(per_item < 250_000, "{per_item} bytes per item");
 }

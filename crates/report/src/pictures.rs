@@ -1,0 +1,234 @@
+//! The pictures of one scored image in a report: the original, the heatmap and the overlay with
+//! the predicted (and ground-truth) outlines, each as a small thumbnail and as a larger view,
+//! encoded once when the image is scored so a run keeps only the bytes the page embeds.
+
+use image::codecs::jpeg::JpegEncoder;
+use image::RgbImage;
+use vigil_core::{Image, Map, Mask, Result, VigilError};
+
+use crate::colormap::colorize;
+use crate::overlay::{draw_edge, encode_png, outer_outline, overlay, thumbnail, to_rgb, TRUTH_COLOUR};
+use crate::{base64, html::THUMBNAIL_MAX_SIDE};
+
+/// The larger views opened on click are at most this many pixels on the long side. Three of them
+/// per image (as the smaller of JPEG and PNG) add roughly 60–250 KB per image to the page, so a
+/// report of a few hundred images stays within a few tens of megabytes.
+pub const LARGE_VIEW_MAX_SIDE: u32 = 512;
+
+/// Quality of JPEG copies: high enough that 1-px outlines survive.
+const JPEG_QUALITY: u8 = 90;
+
+/// How strongly the heatmap covers the image in the overlay.
+const OVERLAY_ALPHA: f32 = 0.5;
+
+/// An encoded image ready to embed: the smaller of PNG and JPEG. Textured overlays compress
+/// poorly as PNG (about 40 KB at 128×128), flat ones poorly as JPEG.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Picture {
+    mime: &'static str,
+    bytes: Vec<u8>,
+    width: u32,
+    height: u32,
+}
+
+impl Picture {
+    /// Shrinks `img` so that neither side exceeds `max_side` (smaller images stay as they are)
+    /// and encodes it.
+    pub fn encode(img: &RgbImage, max_side: u32) -> Result<Picture> {
+        let small = thumbnail(img, max_side);
+        let png = encode_png(&small)?;
+        let mut jpeg = Vec::new();
+        JpegEncoder::new_with_quality(&mut jpeg, JPEG_QUALITY)
+            .encode_image(&small)
+            .map_err(|e| VigilError::invalid(format!("cannot encode JPEG: {e}")))?;
+        let (mime, bytes) = if jpeg.len() < png.len() { ("image/jpeg", jpeg) } else { ("image/png", png) };
+        Ok(Picture { mime, bytes, width: small.width(), height: small.height() })
+    }
+
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The file extension of the encoding: "png" or "jpg".
+    pub fn extension(&self) -> &'static str {
+        if self.mime == "image/png" {
+            "png"
+        } else {
+            "jpg"
+        }
+    }
+
+    pub(crate) fn data_uri(&self) -> String {
+        format!("data:{};base64,{}", self.mime, base64::encode(&self.bytes))
+    }
+}
+
+/// One view at two sizes: the thumbnail shown in the gallery and the larger one opened on click.
+#[derive(Clone, Debug, PartialEq)]
+pub struct View {
+    pub small: Picture,
+    pub large: Picture,
+}
+
+/// The three views of a scored image at one size, before encoding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Views {
+    pub original: RgbImage,
+    pub heatmap: RgbImage,
+    /// The heatmap over the image with the predicted region outlined on its boundary and the
+    /// ground truth (when drawn) just outside its region.
+    pub overlay: RgbImage,
+    /// Whether the overlay carries a ground-truth outline (a mask with at least one defect pixel).
+    pub truth_drawn: bool,
+}
+
+impl Views {
+    /// Renders the views of an image and its anomaly map, coloured over `[lo, hi]`, at most
+    /// `max_side` pixels on either side (never enlarged). The image, map and masks are resampled
+    /// to that size first, so outlines stay one crisp pixel wide at every size.
+    pub fn render(
+        image: &Image,
+        map: &Map,
+        (lo, hi): (f32, f32),
+        predicted: &Mask,
+        truth: Option<&Mask>,
+        max_side: u32,
+    ) -> Views {
+        let truth = truth.filter(|t| t.count() > 0);
+        let scale = (max_side as f64 / image.width.max(image.height).max(1) as f64).min(1.0);
+        let fit = |side: usize| ((side as f64 * scale).round() as usize).clamp(1, max_side.max(1) as usize);
+        let (w, h) = (fit(image.width), fit(image.height));
+        let image = image.resize_bilinear(w, h);
+        let map = map.resize_bilinear(w, h);
+        let mut overlay = overlay(&image, &map, lo, hi, Some(&predicted.resize_nearest(w, h)), OVERLAY_ALPHA);
+        if let Some(t) = truth {
+            draw_edge(&mut overlay, &outer_outline(&t.resize_nearest(w, h)), TRUTH_COLOUR);
+        }
+        Views {
+            original: to_rgb(&image),
+            heatmap: colorize(&map, lo, hi),
+            overlay,
+            truth_drawn: truth.is_some(),
+        }
+    }
+}
+
+/// The three views of a scored image, encoded, as thumbnails and larger views.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ItemPictures {
+    pub original: View,
+    pub heatmap: View,
+    pub overlay: View,
+    /// Whether the overlays carry a ground-truth outline.
+    pub truth_drawn: bool,
+}
+
+impl ItemPictures {
+    /// Encodes thumbnails (bounded by [`THUMBNAIL_MAX_SIDE`]) and larger views (bounded by
+    /// [`LARGE_VIEW_MAX_SIDE`]).
+    pub fn encode(small: &Views, large: &Views) -> Result<ItemPictures> {
+        let view = |s: &RgbImage, l: &RgbImage| -> Result<View> {
+            Ok(View {
+                small: Picture::encode(s, THUMBNAIL_MAX_SIDE)?,
+                large: Picture::encode(l, LARGE_VIEW_MAX_SIDE)?,
+            })
+        };
+        Ok(ItemPictures {
+            original: view(&small.original, &large.original)?,
+            heatmap: view(&small.heatmap, &large.heatmap)?,
+            overlay: view(&small.overlay, &large.overlay)?,
+            truth_drawn: small.truth_drawn || large.truth_drawn,
+        })
+    }
+
+    /// Renders (see [`Views::render`]) and encodes both sizes.
+    pub fn render(
+        image: &Image,
+        map: &Map,
+        range: (f32, f32),
+        predicted: &Mask,
+        truth: Option<&Mask>,
+    ) -> Result<ItemPictures> {
+        ItemPictures::encode(
+            &Views::render(image, map, range, predicted, truth, THUMBNAIL_MAX_SIDE),
+            &Views::render(image, map, range, predicted, truth, LARGE_VIEW_MAX_SIDE),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::OUTLINE_COLOUR;
+
+    fn square(w: usize, h: usize, x0: usize, x1: usize, y0: usize, y1: usize) -> Mask {
+        let data = (0..w * h).map(|i| (x0..x1).contains(&(i % w)) && (y0..y1).contains(&(i / w))).collect();
+        Mask::new(w, h, data).unwrap()
+    }
+
+    fn decode(p: &Picture) -> RgbImage {
+        image::load_from_memory(p.bytes()).unwrap().to_rgb8()
+    }
+
+    #[test]
+    fn views_are_bounded_and_outline_prediction_and_truth() {
+        // 1000x500: thumbnails 160x80, larger views 512x256
+        let (w, h) = (1000, 500);
+        let image = Image::new(w, h, 1, vec![0.5; w * h]).unwrap();
+        let map = Map::filled(w, h, 0.0);
+        let predicted = square(w, h, 100, 400, 100, 400);
+        let truth = square(w, h, 600, 900, 100, 400);
+        let p = ItemPictures::render(&image, &map, (0.0, 1.0), &predicted, Some(&truth)).unwrap();
+        assert!(p.truth_drawn);
+        for view in [&p.original, &p.heatmap, &p.overlay] {
+            assert_eq!((view.small.width(), view.small.height()), (160, 80));
+            assert_eq!((view.large.width(), view.large.height()), (512, 256));
+            assert_eq!(decode(&view.large).dimensions(), (512, 256));
+        }
+        // flat gray images compress best as PNG, so colours can be checked exactly
+        assert_eq!(p.overlay.large.extension(), "png");
+        let over = decode(&p.overlay.large);
+        let count = |c: [u8; 3], x0: u32, x1: u32| {
+            over.enumerate_pixels().filter(|(x, _, px)| (x0..x1).contains(x) && px.0 == c).count()
+        };
+        assert!(count(OUTLINE_COLOUR, 0, 256) > 100, "prediction outlined on the left");
+        assert_eq!(count(OUTLINE_COLOUR, 256, 512), 0);
+        assert!(count(TRUTH_COLOUR, 256, 512) > 100, "truth outlined on the right");
+        assert_eq!(count(TRUTH_COLOUR, 0, 256), 0);
+        assert!(decode(&p.original.small).pixels().all(|px| px.0 == [128, 128, 128]));
+    }
+
+    #[test]
+    fn empty_truth_is_not_drawn_and_small_images_are_not_enlarged() {
+        let image = Image::new(40, 30, 3, vec![0.2; 40 * 30 * 3]).unwrap();
+        let map = Map::filled(40, 30, 0.3);
+        let none = Mask::new(40, 30, vec![false; 1200]).unwrap();
+        let p = ItemPictures::render(&image, &map, (0.0, 1.0), &none, Some(&none)).unwrap();
+        assert!(!p.truth_drawn);
+        assert_eq!((p.heatmap.large.width(), p.heatmap.large.height()), (40, 30));
+        assert!(decode(&p.overlay.large).pixels().all(|px| px.0 != TRUTH_COLOUR));
+    }
+
+    #[test]
+    fn textured_pictures_are_encoded_compactly() {
+        // a speckled texture, like paper under a heatmap, compresses poorly as PNG
+        let speckle = RgbImage::from_fn(128, 128, |x, y| {
+            let v = ((x * 7919 + y * 104729) ^ (x * y * 31)) % 251;
+            image::Rgb([v as u8, (v * 3 % 251) as u8, (v * 7 % 251) as u8])
+        });
+        let p = Picture::encode(&speckle, 160).unwrap();
+        assert_eq!(p.extension(), "jpg");
+        assert!(p.bytes().len() < encode_png(&speckle).unwrap().len());
+        assert!(p.data_uri().starts_with("data:image/jpeg;base64,"));
+        let flat = Picture::encode(&RgbImage::from_pixel(64, 64, image::Rgb([9, 9, 9])), 160).unwrap();
+        assert!(flat.data_uri().starts_with("data:image/png;base64,"));
+    }
+}
