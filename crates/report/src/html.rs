@@ -448,7 +448,11 @@ fn histogram_section(h: &mut String, data: &ReportData) {
     ];
     let threshold = data.threshold.as_ref().filter(|t| t.level == "image");
     let quantity = threshold.map_or("image score".to_string(), |t| t.quantity.clone());
-    let line = threshold.map(|t| (t.value, format!("threshold {}", format_level(t.value))));
+    let line = threshold.map(|t| svg::ThresholdLine {
+        value: t.value,
+        label: format!("threshold {}", format_level(t.value)),
+        equal_flagged: t.comparison == Comparison::AtOrAbove,
+    });
     h.push_str("<section><h2>Score distribution</h2>");
     h.push_str(&svg::histogram_svg(&format!("Images by {quantity}"), &quantity, &series, line));
     if let Some(t) = threshold {

@@ -204,6 +204,14 @@ pub(crate) fn curve_svg(curve: &Curve, id: usize) -> Result<String> {
     Ok(s)
 }
 
+/// The threshold line of a histogram.
+pub(crate) struct ThresholdLine {
+    pub value: f64,
+    pub label: String,
+    /// Whether a value equal to the threshold is flagged (drawn right of the line).
+    pub equal_flagged: bool,
+}
+
 /// One group of values in a histogram.
 pub(crate) struct Series<'a> {
     pub label: &'a str,
@@ -231,13 +239,13 @@ pub(crate) fn histogram_svg(
     title: &str,
     x_label: &str,
     series: &[Series],
-    threshold: Option<(f64, String)>,
+    threshold: Option<ThresholdLine>,
 ) -> String {
     let all = || series.iter().flat_map(|s| s.values.iter().copied());
     let n = all().count();
     let (mut lo, mut hi) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
-    if let Some((t, _)) = &threshold {
-        (lo, hi) = (lo.min(*t), hi.max(*t));
+    if let Some(t) = &threshold {
+        (lo, hi) = (lo.min(t.value), hi.max(t.value));
     }
     if !lo.is_finite() {
         (lo, hi) = (0.0, 1.0);
@@ -246,9 +254,22 @@ pub(crate) fn histogram_svg(
         let pad = if lo == 0.0 { 0.5 } else { lo.abs() * 0.05 };
         (lo, hi) = (lo - pad, hi + pad);
     }
-    let bins = bin_count(n);
-    let width = (hi - lo) / bins as f64;
-    let bin_of = |v: f64| (((v - lo) / width) as usize).min(bins - 1);
+    let width = (hi - lo) / bin_count(n) as f64;
+    if let Some(t) = &threshold {
+        // a bin edge on the threshold, so that no bar straddles the line
+        lo = t.value - ((t.value - lo) / width).ceil() * width;
+    }
+    let bins = (((hi - lo) / width).ceil() as usize).max(1);
+    // the axis spans whole bins
+    let hi = lo + bins as f64 * width;
+    let bin_of = |v: f64| {
+        let b = (((v - lo) / width).floor().max(0.0) as usize).min(bins - 1);
+        // a value exactly at a threshold it does not reach goes left of the line, with the passed
+        match &threshold {
+            Some(t) if v == t.value && !t.equal_flagged && b > 0 => b - 1,
+            _ => b,
+        }
+    };
     let counts: Vec<Vec<usize>> = series
         .iter()
         .map(|s| {
@@ -329,8 +350,8 @@ pub(crate) fn histogram_svg(
         s,
         r##"<rect x="{LEFT}" y="{HIST_TOP}" width="{pw}" height="{ph}" fill="none" stroke="#4a5160"/>"##
     );
-    if let Some((t, label)) = &threshold {
-        let x = px(*t);
+    if let Some(ThresholdLine { value, label, .. }) = &threshold {
+        let x = px(*value);
         let (label_x, anchor) = if x > LEFT + 0.7 * pw { (x - 4.0, "end") } else { (x + 4.0, "start") };
         let _ = write!(
             s,
@@ -413,17 +434,60 @@ mod tests {
         assert!(s.contains(&end), "{end}");
     }
 
+    fn line(value: f64, equal_flagged: bool) -> ThresholdLine {
+        ThresholdLine { value, label: format!("threshold {value}"), equal_flagged }
+    }
+
+    /// (x of the bar's left edge, its width, count) of every bar of the given colour.
+    fn bars(svg: &str, colour: &str) -> Vec<(f64, f64, usize)> {
+        svg.match_indices("class=\"bin\"")
+            .filter(|(at, _)| svg[*at..].split("fill=\"").nth(1).unwrap().starts_with(colour))
+            .map(|(at, _)| {
+                let rest = &svg[at..];
+                let attr = |name: &str| -> f64 {
+                    rest.split(&format!(" {name}=\""))
+                        .nth(1)
+                        .unwrap()
+                        .split('"')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                let count = rest.split("<title>").nth(1).unwrap().split("</title>").next().unwrap();
+                (attr("x"), attr("width"), count.rsplit(": ").next().unwrap().parse().unwrap())
+            })
+            .collect()
+    }
+
+    fn threshold_x(svg: &str) -> f64 {
+        let at = svg.find("class=\"threshold\"").unwrap();
+        svg[at..].split("x1=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn bins_meet_the_threshold_and_values_on_it_fall_on_their_decided_side() {
+        let values = vec![0.0, 0.33, 0.5, 0.5, 0.72, 1.0];
+        for (equal_flagged, right) in [(false, 2), (true, 4)] {
+            let series = [Series { label: "normal", colour: "#2e7d32", values: values.clone() }];
+            let s = histogram_svg("t", "score", &series, Some(line(0.5, equal_flagged)));
+            let x = threshold_x(&s);
+            let bars = bars(&s, "#2e7d32");
+            // no bar straddles the line: each starts at or right of it, or ends at or left of it
+            let right_of = |b: &&(f64, f64, usize)| b.0 >= x - 0.11;
+            assert!(bars.iter().all(|b| right_of(&b) || b.0 + b.1 <= x + 0.11), "{bars:?} vs line at {x}");
+            let on_right: usize = bars.iter().filter(right_of).map(|b| b.2).sum();
+            assert_eq!(on_right, right, "equal_flagged {equal_flagged}: {bars:?} vs {x}");
+            assert_eq!(bars.iter().map(|b| b.2).sum::<usize>(), 6);
+        }
+    }
+
     #[test]
     fn histogram_counts_every_value_once_and_marks_the_threshold() {
         let normal = Series { label: "normal", colour: "#2e7d32", values: vec![0.1, 0.2, 0.2, 0.3] };
         let anomalous = Series { label: "anomalous", colour: "#c62828", values: vec![0.9, 1.0] };
         let none = Series { label: "unlabelled", colour: "#6b7280", values: vec![] };
-        let s = histogram_svg(
-            "Scores",
-            "image score",
-            &[normal, anomalous, none],
-            Some((0.5, "threshold 0.5".into())),
-        );
+        let s = histogram_svg("Scores", "image score", &[normal, anomalous, none], Some(line(0.5, false)));
         assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
         // every value lands in exactly one bar: the bars' counts add up to the six values
         let counted: usize = s
@@ -468,7 +532,7 @@ mod tests {
         let s = histogram_svg("Scores", "score", &[one], None);
         assert_eq!(s.matches("class=\"bin\"").count(), 1);
         assert!(!s.contains("class=\"threshold\""));
-        let s = histogram_svg("Scores", "score", &[], Some((2.0, "t".into())));
+        let s = histogram_svg("Scores", "score", &[], Some(line(2.0, true)));
         assert_eq!(s.matches("class=\"bin\"").count(), 0);
         assert_eq!(bin_count(0), HIST_MIN_BINS);
         assert_eq!(bin_count(10_000), HIST_MAX_BINS);
