@@ -153,6 +153,7 @@ fn test_report_shows_pictures_histogram_kinds_model_and_the_exact_decision() {
         "<td>method</td><td class=\"mono\">acontrario</td>",
         "<td>seed</td><td class=\"mono\">5</td>",
         "<td>training images</td>",
+        "<td>fitted on all images (no held-out set)</td><td class=\"mono\">no</td>",
         "<td>validation images</td>",
         "<td>image threshold</td>",
         "<td>pixel threshold</td>",

@@ -165,6 +165,17 @@ fn threshold_text(t: &Threshold) -> String {
     format!("{} · {rule} · {} sample(s)", t.kind, t.n_samples)
 }
 
+/// A fact of the fit in words: yes/no, whole numbers as they are, other numbers to 3 decimals,
+/// objects as compact JSON.
+fn fact_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Bool(b) => if *b { "yes" } else { "no" }.into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) if n.is_f64() => format!("{:.3}", n.as_f64().unwrap_or(f64::NAN)),
+        other => other.to_string(),
+    }
+}
+
 /// The model as the report's "Model" table: what was fitted, on how many images, with which
 /// seed, thresholds and pretrained weights. Facts a model file does not record are left out.
 fn model_rows(model: &Model) -> Vec<(String, String)> {
@@ -172,8 +183,7 @@ fn model_rows(model: &Model) -> Vec<(String, String)> {
     let mut rows = vec![("method".to_string(), model.method.clone())];
     let mut fact = |name: &str, key: &str| {
         if let Some(v) = info.get(key).filter(|v| !v.is_null()) {
-            let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
-            rows.push((name.to_string(), text));
+            rows.push((name.to_string(), fact_text(v)));
         }
     };
     fact("seed", "seed");
@@ -188,8 +198,10 @@ fn model_rows(model: &Model) -> Vec<(String, String)> {
     }
     rows.push(("image threshold".into(), threshold_text(&model.image_threshold)));
     rows.push(("pixel threshold".into(), threshold_text(&model.pixel_threshold)));
-    if let Ok(pipeline) = serde_json::to_string(&model.pipeline.settings) {
-        rows.push(("pipeline".into(), pipeline));
+    if let Ok(serde_json::Value::Object(mut pipeline)) = serde_json::to_value(&model.pipeline.settings) {
+        // unset options (null) say nothing; the ones in use are listed
+        pipeline.retain(|_, v| !v.is_null());
+        rows.push(("pipeline".into(), serde_json::Value::Object(pipeline).to_string()));
     }
     for w in &model.weights {
         rows.push(("pretrained weights".into(), format!("{} (SHA-256 {})", w.path.display(), w.sha256)));
