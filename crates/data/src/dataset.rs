@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use vigil_core::{Result, VigilError};
 
-use crate::io::list_images;
+use crate::io::{list_images, list_images_recursive};
 
 /// The defect-type name of normal test images in the MVTec layout.
 pub const GOOD: &str = "good";
@@ -20,6 +20,9 @@ pub struct TestItem {
     pub label: bool,
     /// The defect type (the folder name), or "good".
     pub kind: String,
+    /// The image's name in its set: `<kind>/<path under the kind's folder>` without extension
+    /// (e.g. `crack/000`, `good/line2/017`), unique except for files that differ only by extension.
+    pub name: String,
     /// The ground-truth mask file; None for normal images (all zero) and for defect types that
     /// come without masks.
     pub mask: Option<PathBuf>,
@@ -47,6 +50,17 @@ fn stem(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// `path` relative to `root`, without extension, with `/` separators.
+fn relative_name(path: &Path, root: &Path) -> String {
+    let relative = path.strip_prefix(root).unwrap_or(path).with_extension("");
+    relative.to_string_lossy().replace('\\', "/")
+}
+
+/// The folder of `path` relative to `root` (empty for a file directly in `root`).
+fn relative_folder<'a>(path: &'a Path, root: &Path) -> &'a Path {
+    path.strip_prefix(root).ok().and_then(Path::parent).unwrap_or(Path::new(""))
+}
+
 /// Sub-folders of `dir`, sorted by name, hidden ones left out.
 fn subfolders(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -63,7 +77,8 @@ fn subfolders(dir: &Path) -> Result<Vec<PathBuf>> {
 
 impl Dataset {
     /// The MVTec AD layout: `<root>/train/good`, `<root>/test/<kind>` ("good" is normal) and
-    /// `<root>/ground_truth/<kind>/<stem>_mask.png`. An anomalous image without its mask is an
+    /// `<root>/ground_truth/<kind>/<stem>_mask.png`. Sub-folders of a kind's folder are read too,
+    /// their masks in the same sub-folders under `ground_truth/<kind>`. An anomalous image without its mask is an
     /// error, unless its kind has no ground-truth folder at all (image labels only). A missing
     /// `test` folder gives an empty test set (enough to fit).
     pub fn mvtec(root: &Path) -> Result<Dataset> {
@@ -84,9 +99,12 @@ impl Dataset {
                 let label = kind != GOOD;
                 let gt_dir = root.join("ground_truth").join(&kind);
                 let with_masks = label && gt_dir.is_dir();
-                for path in list_images(&kind_dir)? {
+                for path in list_images_recursive(&kind_dir, &[])? {
+                    let name = format!("{kind}/{}", relative_name(&path, &kind_dir));
                     let mask = if with_masks {
-                        let mask = gt_dir.join(format!("{}_mask.png", stem(&path)));
+                        let mask = gt_dir
+                            .join(relative_folder(&path, &kind_dir))
+                            .join(format!("{}_mask.png", stem(&path)));
                         if !mask.is_file() {
                             return Err(VigilError::file(
                                 &path,
@@ -100,7 +118,7 @@ impl Dataset {
                     } else {
                         None
                     };
-                    test.push(TestItem { path, label, kind: kind.clone(), mask });
+                    test.push(TestItem { path, label, kind: kind.clone(), name, mask });
                 }
             }
         }
@@ -111,7 +129,10 @@ impl Dataset {
     /// of normal and of anomalous test images, and optionally a folder of masks for the anomalous
     /// ones, named by `mask_pattern` where `{stem}` is the image name without extension and
     /// `{name}` the full name (e.g. "{stem}_mask.png"). Anomalous images get their folder's name
-    /// as kind. The dataset is named after the first folder given.
+    /// as kind. The test folders are read with their sub-folders: an anomalous image in a sub-folder
+    /// takes that sub-folder's name as kind, and its mask is looked for in the same sub-folder of
+    /// the mask folder (which is left out of the image folders when it lies inside one). The
+    /// dataset is named after the first folder given.
     pub fn folders(
         normal_train: Option<&Path>,
         test_normal: Option<&Path>,
@@ -135,8 +156,10 @@ impl Dataset {
             None => Vec::new(),
         };
         let mut test = Vec::new();
+        let exclude: Vec<&Path> = mask_dir.into_iter().collect();
         if let Some(dir) = test_normal {
-            test.extend(list_images(dir)?.into_iter().map(|path| TestItem {
+            test.extend(list_images_recursive(dir, &exclude)?.into_iter().map(|path| TestItem {
+                name: format!("{GOOD}/{}", relative_name(&path, dir)),
                 path,
                 label: false,
                 kind: GOOD.to_string(),
@@ -144,14 +167,22 @@ impl Dataset {
             }));
         }
         if let Some(dir) = test_anomalous {
-            let kind = folder_name(dir);
-            for path in list_images(dir)? {
+            let folder_kind = folder_name(dir);
+            for path in list_images_recursive(dir, &exclude)? {
+                let sub_folder = relative_folder(&path, dir);
+                let (kind, name) = match sub_folder.components().next() {
+                    Some(first) => {
+                        (first.as_os_str().to_string_lossy().into_owned(), relative_name(&path, dir))
+                    }
+                    None => (folder_kind.clone(), format!("{folder_kind}/{}", relative_name(&path, dir))),
+                };
                 let mask = match mask_dir {
                     None => None,
                     Some(mask_dir) => {
-                        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+                        let file = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
                         let mask = mask_dir
-                            .join(mask_pattern.replace("{stem}", &stem(&path)).replace("{name}", &name));
+                            .join(sub_folder)
+                            .join(mask_pattern.replace("{stem}", &stem(&path)).replace("{name}", &file));
                         if !mask.is_file() {
                             return Err(VigilError::file(
                                 &path,
@@ -161,7 +192,7 @@ impl Dataset {
                         Some(mask)
                     }
                 };
-                test.push(TestItem { path, label: true, kind: kind.clone(), mask });
+                test.push(TestItem { path, label: true, kind, name, mask });
             }
         }
         Ok(Dataset { name: folder_name(first), train, test })
@@ -332,6 +363,44 @@ mod tests {
         assert_eq!((test_only.name.as_str(), test_only.counts()), ("defect", (0, 0, 1)));
         assert!(test_only.test[0].mask.is_none());
         assert!(Dataset::folders(None, None, None, None, "{stem}").is_err());
+    }
+
+    #[test]
+    fn test_folders_are_read_with_their_sub_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for f in ["normal/line1/a.png", "normal/b.png", "defects/crack/a.png", "defects/hole/deep/a.png"] {
+            write_rgb8(&p.join(f), 4, 4, 1);
+        }
+        // The mask folder lies inside the anomalous folder and mirrors its sub-folders.
+        for f in ["defects/gt/crack/a_mask.png", "defects/gt/hole/deep/a_mask.png"] {
+            write_rgb8(&p.join(f), 4, 4, 255);
+        }
+        let (normal, defects, gt) = (p.join("normal"), p.join("defects"), p.join("defects/gt"));
+        let ds = Dataset::folders(None, Some(&normal), Some(&defects), Some(&gt), "{stem}_mask.png").unwrap();
+        let found: Vec<(&str, &str, bool)> =
+            ds.test.iter().map(|t| (t.name.as_str(), t.kind.as_str(), t.mask.is_some())).collect();
+        assert_eq!(
+            found,
+            [
+                ("good/b", "good", false),
+                ("good/line1/a", "good", false),
+                ("crack/a", "crack", true),
+                ("hole/deep/a", "hole", true)
+            ]
+        );
+        assert!(ds.test[3].mask.as_ref().unwrap().ends_with("gt/hole/deep/a_mask.png"));
+
+        // MVTec: file names repeat across kinds; a nested folder keeps its path and mask folder.
+        mvtec_tree(&p.join("cls"), true, false);
+        write_rgb8(&p.join("cls/test/crack/side/d.png"), 4, 4, 1);
+        let missing = Dataset::mvtec(&p.join("cls")).unwrap_err().to_string();
+        assert!(missing.contains("ground_truth/crack/side/d_mask.png"), "{missing}");
+        write_rgb8(&p.join("cls/ground_truth/crack/side/d_mask.png"), 4, 4, 255);
+        write_rgb8(&p.join("cls/test/good/d.png"), 4, 4, 1);
+        let names: Vec<String> =
+            Dataset::mvtec(&p.join("cls")).unwrap().test.into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["crack/d", "crack/e", "crack/side/d", "good/c", "good/d"]);
     }
 
     #[test]

@@ -451,6 +451,44 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The image files in `dir` and in its sub-folders at any depth, sorted by their path relative to
+/// `dir`; folders in `exclude` (e.g. a mask folder kept inside the image folder) and hidden entries
+/// are left out.
+pub fn list_images_recursive(dir: &Path, exclude: &[&Path]) -> Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Err(VigilError::file(dir, "folder not found; check the path"));
+    }
+    if !dir.is_dir() {
+        return Err(VigilError::file(dir, "is a file, expected a folder of images"));
+    }
+    let excluded: Vec<PathBuf> = exclude.iter().filter_map(|d| d.canonicalize().ok()).collect();
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).map_err(|e| VigilError::io(&folder, e))? {
+            let path = entry.map_err(|e| VigilError::io(&folder, e))?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
+                continue;
+            }
+            if path.is_dir() {
+                if !path.canonicalize().is_ok_and(|c| excluded.contains(&c)) {
+                    folders.push(path);
+                }
+            } else if path.is_file() && has_image_extension(&path) {
+                files.push(path);
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(VigilError::file(
+            dir,
+            format!("empty folder: it holds no image files, nor do its sub-folders; {SUPPORTED}"),
+        ));
+    }
+    files.sort();
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,5 +666,30 @@ mod tests {
         let e = message(list_images(&empty));
         assert!(e.contains("empty") && e.contains("no image files"), "{e}");
         assert!(message(list_images(&p.join("nope"))).contains("folder not found"));
+    }
+
+    #[test]
+    fn recursive_listing_keeps_sub_folders_in_path_order_and_leaves_out_excluded_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for name in ["b/x.png", "a/y/z.png", "c.png", "masks/c_mask.png", ".hidden/h.png"] {
+            std::fs::create_dir_all(p.join(name).parent().unwrap()).unwrap();
+            std::fs::write(p.join(name), b"x").unwrap();
+        }
+        let relative = |files: Vec<PathBuf>| -> Vec<String> {
+            files.iter().map(|f| f.strip_prefix(p).unwrap().to_string_lossy().replace('\\', "/")).collect()
+        };
+        assert_eq!(
+            relative(list_images_recursive(p, &[]).unwrap()),
+            ["a/y/z.png", "b/x.png", "c.png", "masks/c_mask.png"]
+        );
+        assert_eq!(
+            relative(list_images_recursive(p, &[&p.join("masks")]).unwrap()),
+            ["a/y/z.png", "b/x.png", "c.png"]
+        );
+        let empty = p.join("empty/sub");
+        std::fs::create_dir_all(&empty).unwrap();
+        let e = message(list_images_recursive(&p.join("empty"), &[]));
+        assert!(e.contains("empty folder") && e.contains("sub-folders"), "{e}");
     }
 }

@@ -29,12 +29,11 @@ pub struct Item {
 }
 
 impl Item {
-    /// A labelled test image; its name is `<kind>/<file stem>`, unique within an MVTec-style set.
+    /// A labelled test image, named as in its set (`<kind>/<path under the kind's folder>`).
     pub fn from_test(t: &TestItem) -> Item {
-        let stem = t.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Item {
             path: t.path.clone(),
-            name: format!("{}/{stem}", t.kind),
+            name: t.name.clone(),
             label: Some(t.label),
             kind: t.kind.clone(),
             mask: t.mask.clone(),
@@ -293,16 +292,36 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// Test items of a dataset, leaving out files that are the ground-truth mask of another item
-/// (masks kept beside their images) and files the filter does not accept.
+/// (masks kept beside their images) and files the filter does not accept. Files that differ only
+/// by extension (`x.png`, `x.jpg`) keep it in their names, so every output name is unique.
 pub fn test_items(dataset: &vigil_data::Dataset, filter: &ImageFilter) -> Vec<Item> {
     let masks: std::collections::HashSet<&PathBuf> =
         dataset.test.iter().filter_map(|t| t.mask.as_ref()).collect();
-    dataset
+    let mut items: Vec<Item> = dataset
         .test
         .iter()
         .filter(|t| !masks.contains(&t.path) && filter.accepts(&t.path))
         .map(Item::from_test)
-        .collect()
+        .collect();
+    let mut count = std::collections::HashMap::<String, usize>::new();
+    for item in &items {
+        *count.entry(item.name.clone()).or_default() += 1;
+    }
+    let mut taken = std::collections::HashSet::new();
+    for item in &mut items {
+        if count[&item.name] > 1 {
+            let ext = item.path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+            item.name = format!("{}_{ext}", item.name);
+        }
+        let base = item.name.clone();
+        for n in 2.. {
+            if taken.insert(item.name.clone()) {
+                break;
+            }
+            item.name = format!("{base}_{n}");
+        }
+    }
+    items
 }
 
 #[cfg(test)]
