@@ -1,11 +1,13 @@
 //! `vigil predict`: score new images; write maps, overlays, predicted masks, scores.csv and scores.json.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{anyhow, Result};
 use vigil_engine::model::LoadOptions;
 use vigil_engine::outputs::{
     collect_inputs, prepare_output, MapFormat, ScoreTables, PREDICT_FILES, PREDICT_FOLDERS,
 };
-use vigil_engine::run::{score_items, Event, LoopOptions};
+use vigil_engine::run::{process_items, Event, LoopOptions, ScoredItem};
 use vigil_engine::Model;
 
 use crate::args::PredictArgs;
@@ -24,53 +26,90 @@ pub fn predict_command(args: PredictArgs) -> Result<()> {
         Model::load(model_path, &LoadOptions { pipeline, allow_other_weights: args.allow_other_weights })?;
     let mut tables = ScoreTables::create(&out, model_path, &model)?;
     let det = model.detector.as_ref();
-    score_items(det, &model.pipeline, &items, LoopOptions::default(), "predict", |event| {
-        let s = match event {
-            Event::Skipped(skipped) => return tables.skipped(skipped),
-            Event::Scored(s) => s,
-        };
-        let predicted = model.pixel_verdicts(&s.scored);
-        let verdict = model.image_verdict(&s.scored);
-        let name = &s.item.name;
-        let map = &s.scored.map;
-        let map_path = match format {
-            MapFormat::Png16 => {
-                let p = out.join("maps").join(format!("{name}.png"));
-                create_parent(&p)?;
-                vigil_data::io::write_map_png16(&p, map, map.min(), map.max())?;
-                p
-            }
-            MapFormat::Tiff => {
-                let p = out.join("maps").join(format!("{name}.tiff"));
-                create_parent(&p)?;
-                vigil_data::io::write_map_tiff(&p, map)?;
-                p
-            }
-        };
-        let overlay_path = out.join("overlays").join(format!("{name}.png"));
-        let overlay = vigil_engine::report::full_overlay(&s.image, map, &model.pixel_threshold, &predicted)?;
-        vigil_core::model_file::write_atomic(&overlay_path, &overlay, true)?;
-        let mask_path = out.join("masks").join(format!("{name}.png"));
-        vigil_engine::report::write_mask_png(&mask_path, &predicted)?;
-        tables.scored(
-            &s.item.path,
-            s.scored.image_score,
-            model.decided_value(&s.scored),
-            verdict,
-            // The value the decided quantity is compared with (for NFA thresholds, a log10 NFA level).
-            model.image_threshold.log10_nfa_level().unwrap_or(model.image_threshold.value),
-            (map.width, map.height),
-            predicted.count(),
-            [&map_path, &overlay_path, &mask_path],
-        )
-    })?;
+    // Each image's files are written by the loop's workers, several at a time; the table rows
+    // follow in input order.
+    let write = |s: ScoredItem<'_>| write_image_outputs(&model, &out, format, s);
+    process_items(
+        det,
+        &model.pipeline,
+        &items,
+        LoopOptions::default(),
+        "predict",
+        write,
+        |event| match event {
+            Event::Skipped(skipped) => tables.skipped(skipped),
+            Event::Scored(row) => tables.scored(
+                &row.path,
+                row.score,
+                row.decided,
+                row.verdict,
+                row.threshold,
+                row.size,
+                row.anomalous_pixels,
+                [&row.map, &row.overlay, &row.mask],
+            ),
+        },
+    )?;
     let (scored, flagged) = (tables.scored, tables.flagged);
     tables.finish()?;
     println!("scored {scored} image(s), {flagged} anomalous -> {}", out.display());
     Ok(())
 }
 
-fn create_parent(path: &std::path::Path) -> Result<()> {
+/// What one image's row of the score tables says, once its files are written.
+struct Row {
+    path: PathBuf,
+    score: f32,
+    decided: f64,
+    verdict: bool,
+    threshold: f64,
+    size: (usize, usize),
+    anomalous_pixels: usize,
+    map: PathBuf,
+    overlay: PathBuf,
+    mask: PathBuf,
+}
+
+/// Writes the map, the overlay and the predicted mask of one scored image.
+fn write_image_outputs(model: &Model, out: &Path, format: MapFormat, s: ScoredItem<'_>) -> Result<Row> {
+    let predicted = model.pixel_verdicts(&s.scored);
+    let name = &s.item.name;
+    let map = &s.scored.map;
+    let map_path = match format {
+        MapFormat::Png16 => {
+            let p = out.join("maps").join(format!("{name}.png"));
+            create_parent(&p)?;
+            vigil_data::io::write_map_png16(&p, map, map.min(), map.max())?;
+            p
+        }
+        MapFormat::Tiff => {
+            let p = out.join("maps").join(format!("{name}.tiff"));
+            create_parent(&p)?;
+            vigil_data::io::write_map_tiff(&p, map)?;
+            p
+        }
+    };
+    let overlay_path = out.join("overlays").join(format!("{name}.png"));
+    let overlay = vigil_engine::report::full_overlay(&s.image, map, &model.pixel_threshold, &predicted)?;
+    vigil_core::model_file::write_atomic(&overlay_path, &overlay, true)?;
+    let mask_path = out.join("masks").join(format!("{name}.png"));
+    vigil_engine::report::write_mask_png(&mask_path, &predicted)?;
+    Ok(Row {
+        path: s.item.path.clone(),
+        score: s.scored.image_score,
+        decided: model.decided_value(&s.scored),
+        verdict: model.image_verdict(&s.scored),
+        // The value the decided quantity is compared with (for NFA thresholds, a log10 NFA level).
+        threshold: model.image_threshold.log10_nfa_level().unwrap_or(model.image_threshold.value),
+        size: (map.width, map.height),
+        anomalous_pixels: predicted.count(),
+        map: map_path,
+        overlay: overlay_path,
+        mask: mask_path,
+    })
+}
+
+fn create_parent(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }

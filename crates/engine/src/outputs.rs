@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use vigil_core::model_file::write_atomic;
 
 use crate::evaluate::Evaluation;
@@ -168,14 +169,16 @@ pub fn write_test_outputs(
     }))?;
     write_atomic(&out.join("metrics.json"), &json, true)?;
     if save_maps {
+        // Every image's files are its own: written in parallel; an error stops the writing.
         let maps = out.join("maps");
-        for r in &eval.results {
+        eval.results.par_iter().try_for_each(|r| -> Result<()> {
             let map = vigil_core::Map::new(r.width, r.height, r.map.clone())?;
             let path = maps.join(format!("{}.tiff", r.item.name));
             std::fs::create_dir_all(path.parent().unwrap_or(&maps))?;
             vigil_data::io::write_map_tiff(&path, &map)?;
             write_atomic(&maps.join(format!("{}_overlay.png", r.item.name)), &r.thumbnail_png, true)?;
-        }
+            Ok(())
+        })?;
     }
     let report = crate::report::report_data(model, dataset, eval);
     vigil_report::html::write_html(&out.join("report.html"), &report, true)?;

@@ -1,9 +1,16 @@
 //! The one per-image loop of vigil: load → (skip a bad file) → score → hand over. Validation,
-//! evaluation and prediction all go through [`score_items`]. Decoding the next images overlaps
-//! with scoring the current one (a bounded queue), so the method is not kept waiting on files.
+//! evaluation and prediction all go through [`score_items`] or [`process_items`].
+//!
+//! The loop is a bounded pipeline of threads: a decoder reads the next files, the scorer runs the
+//! method, workers turn scored images into what the caller keeps (encoded maps, files written) in
+//! parallel, and the calling thread receives the results in input order. Whatever the threads'
+//! timing, the caller sees the same sequence of events (rows, errors, skipped files) as a plain
+//! loop would give, and at most [`in_flight`] scored images wait anywhere, so memory stays bounded.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -59,9 +66,10 @@ pub struct ScoredItem<'a> {
     pub seconds: f64,
 }
 
-/// What the loop hands over: a scored image, or a file skipped under `--skip-bad`.
-pub enum Event<'a> {
-    Scored(ScoredItem<'a>),
+/// What the loop hands over, in input order: a scored image (or what `prepare` made of it, for
+/// [`process_items`]), or a file skipped under `--skip-bad`.
+pub enum Event<'a, T = ScoredItem<'a>> {
+    Scored(T),
     Skipped(&'a Skipped),
 }
 
@@ -72,62 +80,143 @@ pub struct LoopOptions {
 }
 
 /// How many decoded images may wait for the scorer.
-const QUEUE: usize = 2;
+const DECODED_QUEUE: usize = 2;
+
+/// Threads that run `prepare` of [`process_items`]: one per rayon thread (the run's thread budget),
+/// at most 4; beyond that writing is limited by the disk, not the CPU.
+fn workers() -> usize {
+    rayon::current_num_threads().clamp(1, 4)
+}
+
+/// At most this many images are between the scorer and the caller (scored and not yet handed
+/// over): enough to keep every worker busy and the scorer running while one image is slow.
+pub fn in_flight() -> usize {
+    2 * workers()
+}
 
 type Loaded = std::result::Result<(Image, Option<Truth>), VigilError>;
 
 /// Scores every item with the pipeline and calls `visit` on each, in order. Unreadable files
 /// (image or mask) stop the run, or are skipped and returned under [`BadFilePolicy::Skip`].
-/// A run in which items were given but none could be scored is an error.
-pub fn score_items(
+/// A run in which items were given but none could be scored is an error. `visit` runs on the
+/// calling thread while the next images are decoded and scored.
+pub fn score_items<'i>(
     det: &dyn Detector,
     pipeline: &Pipeline,
-    items: &[Item],
+    items: &'i [Item],
     options: LoopOptions,
     label: &str,
     mut visit: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<Vec<Skipped>> {
-    let mut skipped = Vec::new();
+    process_items(det, pipeline, items, options, label, Ok, |event: Event<'_, ScoredItem<'i>>| {
+        visit(match event {
+            Event::Scored(s) => Event::Scored(s),
+            Event::Skipped(k) => Event::Skipped(k),
+        })
+    })
+}
+
+/// [`score_items`] with a `prepare` step that runs on worker threads, several images at a time
+/// and in any order (encoding and writing each image's own files), while `visit` receives the
+/// prepared results on the calling thread in input order (rows of a table). An error of any step
+/// is returned when its image's turn comes, after every earlier image was visited, as in a
+/// sequential loop; later images may by then have been prepared (at most [`in_flight`]).
+pub fn process_items<'i, T: Send>(
+    det: &dyn Detector,
+    pipeline: &Pipeline,
+    items: &'i [Item],
+    options: LoopOptions,
+    label: &str,
+    prepare: impl Fn(ScoredItem<'i>) -> Result<T> + Sync,
+    mut visit: impl FnMut(Event<'_, T>) -> Result<()>,
+) -> Result<Vec<Skipped>> {
+    let mut skipped: Vec<Skipped> = Vec::new();
     let mut scored_any = false;
-    let mut truth_notes = TruthNotes::default();
-    std::thread::scope(|scope| -> Result<()> {
-        let (send, receive) = mpsc::sync_channel::<Loaded>(QUEUE);
+    let stop = AtomicBool::new(false);
+    let (job_send, jobs) = mpsc::sync_channel::<(usize, Job<'i>)>(workers());
+    let jobs = Mutex::new(jobs);
+    let truth_notes = std::thread::scope(|scope| -> Result<TruthNotes> {
+        let (decoded_send, decoded) = mpsc::sync_channel::<(usize, Loaded)>(DECODED_QUEUE);
+        let (done_send, done) = mpsc::channel::<(usize, Outcome<T>)>();
+        // Tokens bounding the images between the scorer and the caller: the scorer takes one per
+        // image, the caller gives it back once the image is handed over.
+        let (token_back, tokens) = mpsc::sync_channel::<()>(in_flight());
+        for _ in 0..in_flight() {
+            token_back.send(()).expect("the token queue holds in_flight() tokens");
+        }
+        let stop = &stop;
         scope.spawn(move || {
-            for item in items {
-                if send.send(load(item, options)).is_err() {
-                    return; // the scorer stopped
+            for (index, item) in items.iter().enumerate() {
+                if stop.load(Ordering::Relaxed) || decoded_send.send((index, load(item, options))).is_err() {
+                    return;
                 }
             }
         });
-        let mut progress = Progress::new(items.len(), label);
-        for (item, loaded) in items.iter().zip(receive.iter()) {
-            let (image, truth) = match loaded {
-                Ok(x) => x,
-                Err(e) if pipeline.policy == BadFilePolicy::Skip => {
-                    crate::warn(format!("skipped {}: {e}", item.path.display()));
-                    let skip = Skipped { path: item.path.clone(), reason: e.to_string() };
-                    visit(Event::Skipped(&skip))?;
-                    skipped.push(skip);
-                    progress.inc();
+        let scorer = scope.spawn(move || score_stage(det, pipeline, items, decoded, tokens, job_send, stop));
+        let (jobs, prepare) = (&jobs, &prepare);
+        for _ in 0..workers() {
+            let done_send = done_send.clone();
+            // A worker ends only when the scorer has ended (the job queue is closed); after a
+            // stop it drains the queue without preparing, so the scorer is never left blocked.
+            scope.spawn(move || loop {
+                // The lock is held only to take the next job, not while preparing it.
+                let next = jobs.lock().map_err(|_| ()).and_then(|j| j.recv().map_err(|_| ()));
+                let Ok((index, job)) = next else { return };
+                if stop.load(Ordering::Relaxed) {
                     continue;
                 }
-                Err(e) => return Err(e.into()),
-            };
-            truth_notes.check(item, truth.as_ref());
-            let truth = match (truth.map(Mask::from), item.label) {
-                (Some(t), _) => Some(t),
-                // A normal image's ground truth is all zero.
-                (None, Some(false)) => Some(Mask::empty(image.width, image.height)),
-                (None, _) => None,
-            };
-            let start = Instant::now();
-            let scored = pipeline.score(det, &image, &item.path.display().to_string())?;
-            let seconds = start.elapsed().as_secs_f64();
-            visit(Event::Scored(ScoredItem { item, image, truth, scored, seconds }))?;
-            scored_any = true;
-            progress.inc();
+                let outcome = match job {
+                    Job::Scored(s) => match prepare(s) {
+                        Ok(t) => Outcome::Prepared(t),
+                        Err(e) => Outcome::Failed(e),
+                    },
+                    Job::Skipped(k) => Outcome::Skipped(k),
+                    Job::Failed(e) => Outcome::Failed(e),
+                };
+                // The caller may have stopped; the job queue is still drained.
+                let _ = done_send.send((index, outcome));
+            });
         }
-        Ok(())
+        drop(done_send);
+        let mut progress = Progress::new(items.len(), label);
+        let mut waiting: BTreeMap<usize, Outcome<T>> = BTreeMap::new();
+        let mut next = 0;
+        let handed_over = (|| -> Result<()> {
+            for (index, outcome) in done {
+                waiting.insert(index, outcome);
+                while let Some(outcome) = waiting.remove(&next) {
+                    match outcome {
+                        Outcome::Prepared(t) => {
+                            visit(Event::Scored(t))?;
+                            scored_any = true;
+                        }
+                        Outcome::Skipped(skip) => {
+                            crate::warn(format!("skipped {}: {}", skip.path.display(), skip.reason));
+                            visit(Event::Skipped(&skip))?;
+                            skipped.push(skip);
+                        }
+                        Outcome::Failed(e) => return Err(e),
+                    }
+                    progress.inc();
+                    next += 1;
+                    // The scorer may be gone (all items scored); a token nobody takes is harmless.
+                    let _ = token_back.try_send(());
+                }
+            }
+            Ok(())
+        })();
+        // On an error, the other stages stop at their next step instead of finishing the run.
+        stop.store(true, Ordering::Relaxed);
+        drop(token_back);
+        let notes = scorer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        handed_over?;
+        if next < items.len() {
+            bail!(
+                "the image loop ended after {next} of {} images without an error; this is a bug",
+                items.len()
+            );
+        }
+        Ok(notes)
     })?;
     truth_notes.report();
     if !items.is_empty() && !scored_any {
@@ -139,6 +228,68 @@ pub fn score_items(
         );
     }
     Ok(skipped)
+}
+
+/// What the scorer hands to the workers.
+enum Job<'i> {
+    Scored(ScoredItem<'i>),
+    Skipped(Skipped),
+    Failed(anyhow::Error),
+}
+
+/// What the workers hand to the caller.
+enum Outcome<T> {
+    Prepared(T),
+    Skipped(Skipped),
+    Failed(anyhow::Error),
+}
+
+/// The scorer: images in input order, one at a time (the method parallelises inside), each
+/// after taking a token. Stops after the first error, which it passes on in its image's place.
+fn score_stage<'i>(
+    det: &dyn Detector,
+    pipeline: &Pipeline,
+    items: &'i [Item],
+    decoded: mpsc::Receiver<(usize, Loaded)>,
+    tokens: mpsc::Receiver<()>,
+    jobs: mpsc::SyncSender<(usize, Job<'i>)>,
+    stop: &AtomicBool,
+) -> TruthNotes {
+    let mut truth_notes = TruthNotes::default();
+    for (index, loaded) in decoded {
+        if tokens.recv().is_err() || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let item = &items[index];
+        let job = match loaded {
+            Ok((image, truth)) => {
+                truth_notes.check(item, truth.as_ref());
+                let truth = match (truth.map(Mask::from), item.label) {
+                    (Some(t), _) => Some(t),
+                    // A normal image's ground truth is all zero.
+                    (None, Some(false)) => Some(Mask::empty(image.width, image.height)),
+                    (None, _) => None,
+                };
+                let start = Instant::now();
+                match pipeline.score(det, &image, &item.path.display().to_string()) {
+                    Ok(scored) => {
+                        let seconds = start.elapsed().as_secs_f64();
+                        Job::Scored(ScoredItem { item, image, truth, scored, seconds })
+                    }
+                    Err(e) => Job::Failed(e),
+                }
+            }
+            Err(e) if pipeline.policy == BadFilePolicy::Skip => {
+                Job::Skipped(Skipped { path: item.path.clone(), reason: e.to_string() })
+            }
+            Err(e) => Job::Failed(e.into()),
+        };
+        let last = matches!(job, Job::Failed(_));
+        if jobs.send((index, job)).is_err() || last {
+            break;
+        }
+    }
+    truth_notes
 }
 
 fn load(item: &Item, options: LoopOptions) -> Loaded {
