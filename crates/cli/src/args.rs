@@ -82,32 +82,15 @@ pub struct PipelineArgs {
     pub glob: Option<String>,
 }
 
-#[derive(Args, Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct FitArgs {
-    /// TOML file with any of these options (flags override it).
-    #[arg(long)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Method, optionally with settings: `acontrario`, `acontrario:feature=gabor,statistics=training`.
-    /// `vigil methods` lists them.
-    #[arg(long, short)]
-    pub method: Option<String>,
-    /// Method settings as key=value (repeatable), applied after those in --method.
+/// The options of how a model is fitted, shared by `fit` and `benchmark`.
+#[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FitOptionArgs {
+    /// Method settings as key=value (repeatable), applied after those in --method
+    /// (in `benchmark`, to every method).
     #[arg(long = "param", short = 'p')]
     #[serde(default)]
     pub params: Vec<String>,
-    /// Normal training images: an MVTec-layout class folder (uses train/good) or a folder of normal images.
-    /// Not needed by a method that learns nothing (acontrario with statistics=test-image).
-    #[arg(long)]
-    pub train: Option<PathBuf>,
-    /// Where to write the model file.
-    #[arg(long, short)]
-    pub out: Option<PathBuf>,
-    /// Replace an existing model file.
-    #[arg(long)]
-    #[serde(default)]
-    pub overwrite: bool,
     /// Fraction of the normal training images held out to set the threshold (default 0.2).
     #[arg(long)]
     pub val_fraction: Option<f64>,
@@ -124,7 +107,8 @@ pub struct FitArgs {
     /// level gives more than 10x the nominal rate.
     #[arg(long)]
     pub threshold: Option<String>,
-    /// Labelled anomalous validation images (a folder), for `--threshold f1` (F1-optimal) thresholds.
+    /// Labelled anomalous validation images (a folder), for `--threshold f1` (F1-optimal) thresholds
+    /// (`benchmark` uses the same folder for every class).
     #[arg(long)]
     pub val_anomalous: Option<PathBuf>,
     /// Ground-truth masks of the --val-anomalous images (a folder), for pixel-level F1 thresholds.
@@ -140,9 +124,39 @@ pub struct FitArgs {
     /// Seed for every random choice (validation split, sampling, initialisation).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Keep training checkpoints here so an interrupted fit resumes exactly (draem, draem-unetpp, uflow).
+    /// Keep training checkpoints here so an interrupted fit resumes exactly (draem, draem-unetpp, uflow);
+    /// `benchmark` keeps one sub-folder per method and class.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
+}
+
+// `FitArgs` and `BenchmarkArgs` flatten `FitOptionArgs`, which serde's `deny_unknown_fields` does
+// not see through: `config::merge_with_file` refuses unknown names in the file instead.
+#[derive(Args, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FitArgs {
+    /// TOML file with any of these options (flags override it).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Method, optionally with settings: `acontrario`, `acontrario:feature=gabor,statistics=training`.
+    /// `vigil methods` lists them.
+    #[arg(long, short)]
+    pub method: Option<String>,
+    /// Normal training images: an MVTec-layout class folder (uses train/good) or a folder of normal images.
+    /// Not needed by a method that learns nothing (acontrario with statistics=test-image).
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// Where to write the model file.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Replace an existing model file.
+    #[arg(long)]
+    #[serde(default)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub fit: FitOptionArgs,
     #[command(flatten)]
     #[serde(default)]
     pub pipeline: PipelineArgs,
@@ -158,16 +172,18 @@ pub struct TestArgs {
     /// Model file written by `vigil fit`.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Labelled test set: an MVTec-layout class folder (test/<kind>, ground_truth/<kind>/<stem>_mask.png).
+    /// Labelled test set: an MVTec-layout class folder (test/<kind>, ground_truth/<kind>/<stem>_mask.png;
+    /// sub-folders of a kind are read too, with their masks in the same sub-folders).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Generic layout instead of --data: folder of normal test images.
+    /// Generic layout instead of --data: folder of normal test images (sub-folders are read too; outputs
+    /// keep each file's relative path).
     #[arg(long)]
     pub normal: Option<PathBuf>,
-    /// Generic layout: folder of anomalous test images.
+    /// Generic layout: folder of anomalous test images; images in a sub-folder take its name as defect kind.
     #[arg(long)]
     pub anomalous: Option<PathBuf>,
-    /// Generic layout: folder of ground-truth masks for the anomalous images.
+    /// Generic layout: folder of ground-truth masks for the anomalous images, with the same sub-folders.
     #[arg(long)]
     pub masks: Option<PathBuf>,
     /// Generic layout: mask file name pattern, `{stem}` is the image file stem (default `{stem}_mask.png`).
@@ -235,7 +251,7 @@ pub struct PredictArgs {
 }
 
 #[derive(Args, Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct BenchmarkArgs {
     /// TOML file with any of these options (flags override it).
     #[arg(long)]
@@ -262,24 +278,9 @@ pub struct BenchmarkArgs {
     #[arg(long)]
     #[serde(default)]
     pub reports: bool,
-    /// Fraction of train/good held out for thresholds (default 0.2).
-    #[arg(long)]
-    pub val_fraction: Option<f64>,
-    /// Fit on every training image (see `vigil fit --help`).
-    #[arg(long)]
-    #[serde(default)]
-    pub fit_on_all: bool,
-    /// Image-level threshold for every method, as for `vigil fit` (default: each method's own).
-    #[arg(long)]
-    pub threshold: Option<String>,
-    /// Pixel-level threshold, as for `vigil fit`.
-    #[arg(long)]
-    pub pixel_threshold: Option<String>,
-    /// Keep training checkpoints under this folder, one sub-folder per method and class.
-    #[arg(long)]
-    pub checkpoint_dir: Option<PathBuf>,
-    #[arg(long)]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub fit: FitOptionArgs,
     #[command(flatten)]
     #[serde(default)]
     pub pipeline: PipelineArgs,

@@ -110,21 +110,11 @@ pub fn benchmark_command(args: BenchmarkArgs) -> Result<()> {
     }
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/benchmark"));
     let specs: Vec<MethodSpec> =
-        args.methods.iter().map(|m| MethodSpec::parse(m, &[])).collect::<Result<_>>()?;
+        args.methods.iter().map(|m| MethodSpec::parse(m, &args.fit.params)).collect::<Result<_>>()?;
     let class_dirs = classes(data, args.classes.as_deref())?;
     let pipeline = options::pipeline(&args.pipeline)?;
     let filter = options::filter(&args.pipeline, false);
-    let opts = options::fit(
-        options::FitFlags {
-            val_fraction: args.val_fraction,
-            fit_on_all: args.fit_on_all,
-            threshold: args.threshold.as_deref(),
-            pixel_threshold: args.pixel_threshold.as_deref(),
-            seed: args.seed,
-            checkpoint_dir: None,
-        },
-        Vec::new(),
-    )?;
+    let opts = options::fit(&args.fit, &filter)?;
     let report_folders: Vec<String> = specs.iter().map(|s| sanitize(&s.label())).collect();
     let folders: Vec<&str> =
         if args.reports { report_folders.iter().map(String::as_str).collect() } else { Vec::new() };
@@ -140,7 +130,7 @@ pub fn benchmark_command(args: BenchmarkArgs) -> Result<()> {
             let class = class_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
             let run = || -> Result<Vec<String>> {
                 let dataset = Dataset::discover(class_dir)?;
-                let checkpoint_dir = args.checkpoint_dir.as_ref().map(|d| d.join(folder).join(&class));
+                let checkpoint_dir = args.fit.checkpoint_dir.as_ref().map(|d| d.join(folder).join(&class));
                 let opts = vigil_engine::FitOptions { checkpoint_dir, ..opts.clone() };
                 let model = fit(spec, training_images(class_dir, &filter)?, &pipeline, opts)?;
                 let items = vigil_engine::run::test_items(&dataset, &filter);
@@ -191,16 +181,16 @@ fn write_tables(
     markdown: &str,
 ) -> Result<()> {
     vigil_report::markdown::write_csv(&out.join("benchmark.csv"), &HEADERS, rows)?;
-    let fit = if args.fit_on_all {
+    let fit = if args.fit.fit_on_all {
         "fit on all training images".to_string()
     } else {
-        format!("validation fraction {}", args.val_fraction.unwrap_or(options::DEFAULT_VAL_FRACTION))
+        format!("validation fraction {}", args.fit.val_fraction.unwrap_or(options::DEFAULT_VAL_FRACTION))
     };
     let header = format!(
         "Dataset: {}; seed {}; {fit}; vigil {}; threads {}.\n\
          `*` = mean over the classes where the metric exists.\n\n",
         data.display(),
-        args.seed.unwrap_or(options::DEFAULT_SEED),
+        args.fit.seed.unwrap_or(options::DEFAULT_SEED),
         env!("CARGO_PKG_VERSION"),
         rayon::current_num_threads()
     );

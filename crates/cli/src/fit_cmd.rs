@@ -16,26 +16,10 @@ pub fn fit_command(args: FitArgs) -> Result<()> {
     if out.exists() && !args.overwrite {
         bail!("{}: already exists; pass --overwrite to replace it", out.display());
     }
-    let spec = MethodSpec::parse(method, &args.params)?;
+    let spec = MethodSpec::parse(method, &args.fit.params)?;
     let pipeline = options::pipeline(&args.pipeline)?;
     let filter = options::filter(&args.pipeline, false);
-    let val_anomalous = match &args.val_anomalous {
-        Some(dir) => {
-            options::anomalous_items(dir, args.val_masks.as_deref(), args.mask_pattern.as_deref(), &filter)?
-        }
-        None => Vec::new(),
-    };
-    let opts = options::fit(
-        options::FitFlags {
-            val_fraction: args.val_fraction,
-            fit_on_all: args.fit_on_all,
-            threshold: args.threshold.as_deref(),
-            pixel_threshold: args.pixel_threshold.as_deref(),
-            seed: args.seed,
-            checkpoint_dir: args.checkpoint_dir.clone(),
-        },
-        val_anomalous,
-    )?;
+    let opts = options::fit(&args.fit, &filter)?;
     let paths = match &args.train {
         Some(train) => training_images(train, &filter)?,
         None if !spec.needs_training() => Vec::new(),

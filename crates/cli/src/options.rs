@@ -8,7 +8,7 @@ use vigil_engine::run::{ImageFilter, Item};
 use vigil_engine::PipelineOptions;
 use vigil_metrics::ThresholdRule;
 
-use crate::args::PipelineArgs;
+use crate::args::{FitOptionArgs, PipelineArgs};
 
 pub const DEFAULT_VAL_FRACTION: f64 = 0.2;
 pub const DEFAULT_SEED: u64 = 0;
@@ -46,33 +46,29 @@ pub fn threshold(flag: &str, text: Option<&str>) -> Result<Option<ThresholdRule>
     text.map(|t| t.parse::<ThresholdRule>().map_err(|e| anyhow!("--{flag}: {e}"))).transpose()
 }
 
-/// The fit options shared by `fit` and `benchmark`.
-pub struct FitFlags<'a> {
-    pub val_fraction: Option<f64>,
-    pub fit_on_all: bool,
-    pub threshold: Option<&'a str>,
-    pub pixel_threshold: Option<&'a str>,
-    pub seed: Option<u64>,
-    pub checkpoint_dir: Option<std::path::PathBuf>,
-}
-
-pub fn fit(flags: FitFlags<'_>, val_anomalous: Vec<Item>) -> Result<FitOptions> {
-    if flags.fit_on_all && flags.val_fraction.is_some_and(|f| f > 0.0) {
+/// The fit options of `fit` and `benchmark`; `filter` selects the --val-anomalous images.
+pub fn fit(args: &FitOptionArgs, filter: &ImageFilter) -> Result<FitOptions> {
+    if args.fit_on_all && args.val_fraction.is_some_and(|f| f > 0.0) {
         return Err(anyhow!("--fit-on-all holds out no image: it cannot be combined with --val-fraction"));
     }
+    let val_anomalous = match &args.val_anomalous {
+        Some(dir) => anomalous_items(dir, args.val_masks.as_deref(), args.mask_pattern.as_deref(), filter)?,
+        None if args.val_masks.is_some() => return Err(anyhow!("--val-masks needs --val-anomalous")),
+        None => Vec::new(),
+    };
     Ok(FitOptions {
-        val_fraction: if flags.fit_on_all { 0.0 } else { flags.val_fraction.unwrap_or(DEFAULT_VAL_FRACTION) },
-        fit_on_all: flags.fit_on_all,
-        image_threshold: threshold("threshold", flags.threshold)?,
-        pixel_threshold: threshold("pixel-threshold", flags.pixel_threshold)?,
-        seed: flags.seed.unwrap_or(DEFAULT_SEED),
-        checkpoint_dir: flags.checkpoint_dir,
+        val_fraction: if args.fit_on_all { 0.0 } else { args.val_fraction.unwrap_or(DEFAULT_VAL_FRACTION) },
+        fit_on_all: args.fit_on_all,
+        image_threshold: threshold("threshold", args.threshold.as_deref())?,
+        pixel_threshold: threshold("pixel-threshold", args.pixel_threshold.as_deref())?,
+        seed: args.seed.unwrap_or(DEFAULT_SEED),
+        checkpoint_dir: args.checkpoint_dir.clone(),
         val_anomalous,
     })
 }
 
 /// Labelled anomalous images of a folder, with their masks when a mask folder is given.
-pub fn anomalous_items(
+fn anomalous_items(
     dir: &std::path::Path,
     masks: Option<&std::path::Path>,
     pattern: Option<&str>,

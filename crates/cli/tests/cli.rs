@@ -933,3 +933,236 @@ fn much_larger_images_without_tiles_are_warned_about() {
     let o = vigil(&["predict", "--model", s(&model), s(&big), "-o", s(&f.root.join("p"))]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--tile"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The `.tiff` files under a folder, as paths relative to it.
+fn tiff_files(dir: &Path) -> std::collections::BTreeSet<String> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "tiff") {
+                found.insert(path.strip_prefix(dir).unwrap().to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    found
+}
+
+/// `test` on an MVTec layout (the same file names in every kind) and on generic folders of
+/// sub-folders (normal/<line>/, defects/<kind>/ with masks mirrored under gt/<kind>/): every image
+/// is read, kinds come from the sub-folders, and every saved map keeps its relative path.
+#[test]
+fn test_reads_sub_folders_and_keeps_every_name_apart() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let mvtec = f.root.join("t_mvtec");
+    ok(&["test", "--model", s(&model), "--data", s(&f.data), "-o", s(&mvtec), "--save-maps"]);
+    let m = metrics(&mvtec);
+    assert_eq!(m["metrics"]["n_images"], 8);
+    let expected: Vec<String> =
+        (0..4).flat_map(|i| [format!("good/{i:03}.tiff"), format!("spot/{i:03}.tiff")]).collect();
+    assert_eq!(tiff_files(&mvtec.join("maps")), expected.into_iter().collect());
+
+    // The same images spread over sub-folders, with file names repeated across them.
+    let copy = |from: &str, to: &Path| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(f.data.join(from), to).unwrap();
+    };
+    let (normal, defects, gt) = (f.root.join("normal"), f.root.join("defects"), f.root.join("gt"));
+    for i in 0..4 {
+        let (line, kind) = (["line1", "line2"][i % 2], ["crack", "hole"][i % 2]);
+        copy(&format!("test/good/{i:03}.png"), &normal.join(format!("{line}/{:03}.png", i / 2)));
+        copy(&format!("test/spot/{i:03}.png"), &defects.join(format!("{kind}/{:03}.png", i / 2)));
+        copy(
+            &format!("ground_truth/spot/{i:03}_mask.png"),
+            &gt.join(format!("{kind}/{:03}_mask.png", i / 2)),
+        );
+    }
+    let generic = f.root.join("t_generic");
+    ok(&[
+        "test",
+        "--model",
+        s(&model),
+        "--normal",
+        s(&normal),
+        "--anomalous",
+        s(&defects),
+        "--masks",
+        s(&gt),
+        "-o",
+        s(&generic),
+        "--save-maps",
+    ]);
+    let g = metrics(&generic);
+    assert_eq!(g["metrics"]["n_images"], 8);
+    let expected: std::collections::BTreeSet<String> = [
+        "good/line1/000",
+        "good/line1/001",
+        "good/line2/000",
+        "good/line2/001",
+        "crack/000",
+        "crack/001",
+        "hole/000",
+        "hole/001",
+    ]
+    .iter()
+    .map(|n| format!("{n}.tiff"))
+    .collect();
+    assert_eq!(tiff_files(&generic.join("maps")), expected);
+    let kinds: std::collections::BTreeSet<&str> =
+        g["images"].as_array().unwrap().iter().map(|i| i["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["crack", "good", "hole"].into_iter().collect());
+    for metric in ["image_auroc", "pixel_auroc"] {
+        assert_eq!(g["metrics"][metric], m["metrics"][metric], "{metric}: the same images, the same result");
+    }
+
+    // Two files that differ only by extension keep it in their output names.
+    let twins = f.root.join("twins");
+    copy("test/good/000.png", &twins.join("x.png"));
+    image::open(f.data.join("test/good/001.png")).unwrap().to_rgb8().save(twins.join("x.jpg")).unwrap();
+    let out = f.root.join("t_twins");
+    ok(&[
+        "test",
+        "--model",
+        s(&model),
+        "--normal",
+        s(&twins),
+        "--anomalous",
+        s(&defects),
+        "-o",
+        s(&out),
+        "--save-maps",
+    ]);
+    let maps = tiff_files(&out.join("maps"));
+    assert!(maps.contains("good/x_png.tiff") && maps.contains("good/x_jpg.tiff"), "{maps:?}");
+}
+
+fn stderr_of(args: &[&str]) -> String {
+    let o = vigil(args);
+    assert!(o.status.success(), "vigil {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Pipeline options given to `predict` that differ from those of the fit are warned about (the
+/// model's thresholds were set without them); the fit's own options are used silently.
+#[test]
+fn predict_warns_when_pipeline_options_differ_from_the_fit() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let good = f.data.join("test/good");
+    let predict = |name: &str, extra: &[&str]| -> String {
+        let out = f.root.join(name);
+        let args: Vec<&str> = ["predict", "--model", s(&model), s(&good), "-o", s(&out)]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        stderr_of(&args)
+    };
+    const WARNING: &str = "pipeline options differ from the fit";
+    let same = predict("p_same", &[]);
+    assert!(!same.contains(WARNING), "{same}");
+    let tiled = predict("p_tiled", &["--tile", "32"]);
+    assert!(tiled.contains(WARNING) && tiled.contains("tiling"), "{tiled}");
+    let scored = predict("p_score", &["--image-score", "mean"]);
+    assert!(scored.contains(WARNING) && scored.contains("image score"), "{scored}");
+}
+
+/// Ground truth that says nothing (an anomalous image's mask all zero) or is not binary is
+/// reported once for the run, naming the first such mask; clean masks give no such warning.
+#[test]
+fn all_zero_and_non_binary_ground_truth_masks_are_warned_about() {
+    let f = fixture();
+    let model = f.root.join("m.vigil");
+    ok(&["fit", "-m", METHOD, "--train", s(&f.data), "-o", s(&model)]);
+    let test = |name: &str| {
+        stderr_of(&["test", "--model", s(&model), "--data", s(&f.data), "-o", s(&f.root.join(name))])
+    };
+    let clean = test("t_clean");
+    assert!(!clean.contains("ground-truth"), "{clean}");
+    let gt = f.data.join("ground_truth/spot");
+    image::GrayImage::new(SIZE, SIZE).save(gt.join("000_mask.png")).unwrap();
+    let mut soft = image::open(gt.join("001_mask.png")).unwrap().to_luma8();
+    for p in soft.pixels_mut().filter(|p| p[0] > 0).take(5) {
+        p[0] = 128;
+    }
+    soft.save(gt.join("001_mask.png")).unwrap();
+    let warned = test("t_bad");
+    let lines: Vec<&str> = warned.lines().filter(|l| l.contains("ground-truth")).collect();
+    assert_eq!(lines.len(), 2, "{warned}");
+    assert!(
+        lines.iter().any(|l| l.contains("1 ground-truth mask(s) of anomalous images are all zero")
+            && l.contains("000_mask.png")),
+        "{warned}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("1 ground-truth mask(s) are not binary") && l.contains("001_mask.png")),
+        "{warned}"
+    );
+}
+
+/// A model fitted on colour images scores grayscale versions of colour test images (channels
+/// replicated) with the verdicts it gives the colour images themselves, up to the method's noise
+/// (at most one of twelve): the crossing the other way is tested above. PaDiM with random
+/// backbone weights; the textures are near-neutral colour (independent noise per channel), as a
+/// colour camera sees a grey product. (Of a strongly tinted product, a grayscale image is another
+/// picture: replicating its channels cannot bring the tint back, and every such image is flagged.)
+#[test]
+fn grayscale_images_reach_a_colour_model_with_the_colour_verdicts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (colour, gray) = (tmp.path().join("colour"), tmp.path().join("gray"));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut expected = Vec::new();
+    for (dir, n) in [("train", 16), ("test", 12)] {
+        std::fs::create_dir_all(colour.join(dir)).unwrap();
+        std::fs::create_dir_all(gray.join(dir)).unwrap();
+        for i in 0..n {
+            let base = texture(&mut rng, SIZE);
+            let defect = dir == "test" && i % 2 == 1;
+            let (x0, y0) = (rng.gen_range(4..SIZE - 16), rng.gen_range(4..SIZE - 16));
+            let tinted = image::RgbImage::from_fn(SIZE, SIZE, |x, y| {
+                let spot = defect && (x0..x0 + 12).contains(&x) && (y0..y0 + 12).contains(&y);
+                if spot {
+                    image::Rgb([30, 30, 30])
+                } else {
+                    *base.get_pixel(x, y)
+                }
+            });
+            if dir == "test" {
+                expected.push(defect);
+            }
+            tinted.save(colour.join(format!("{dir}/{i:03}.png"))).unwrap();
+            image::DynamicImage::ImageRgb8(tinted)
+                .to_luma8()
+                .save(gray.join(format!("{dir}/{i:03}.png")))
+                .unwrap();
+        }
+    }
+    let model = tmp.path().join("m.vigil");
+    let method = "padim:random_weights_seed=1,input_size=64";
+    ok(&["fit", "-m", method, "--train", s(&colour.join("train")), "-o", s(&model), "--threshold", "max"]);
+    let verdicts = |dir: &Path, out: &str| -> Vec<bool> {
+        let out = tmp.path().join(out);
+        ok(&["predict", "--model", s(&model), s(dir), "-o", s(&out)]);
+        csv_rows(&out.join("scores.csv")).into_iter().map(|r| r[3] == "anomalous").collect()
+    };
+    let from_colour = verdicts(&colour.join("test"), "pc");
+    let from_gray = verdicts(&gray.join("test"), "pg");
+    let found = |v: &[bool]| v.iter().zip(&expected).filter(|(&v, &e)| v && e).count();
+    assert_eq!(
+        found(&from_colour),
+        6,
+        "the colour model must find the spots in colour images: {from_colour:?}"
+    );
+    let differing = from_colour.iter().zip(&from_gray).filter(|(a, b)| a != b).count();
+    assert!(
+        differing <= 1,
+        "grayscale images must get the colour verdicts: {from_colour:?} vs {from_gray:?}"
+    );
+}
