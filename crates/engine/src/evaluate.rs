@@ -6,7 +6,7 @@ use serde::Serialize;
 use vigil_core::{Mask, Threshold};
 
 use crate::model::Model;
-use crate::run::{score_items, Event, Item, LoopOptions, Skipped};
+use crate::run::{process_items, Event, Item, LoopOptions, ScoredItem, Skipped};
 
 /// Per-image outcome kept for metrics and the report (maps are kept; images are reduced to the
 /// report's encoded pictures).
@@ -58,6 +58,8 @@ pub struct Metrics {
 pub struct Evaluation {
     pub results: Vec<ItemResult>,
     pub metrics: Metrics,
+    /// The PRO curve, thinned to [`PLOT_POINTS`], when AUPRO was computed.
+    pub pro_curve: Option<vigil_metrics::Curve>,
     pub skipped: Vec<Skipped>,
     pub image_threshold: Threshold,
     pub pixel_threshold: Threshold,
@@ -81,44 +83,65 @@ impl Default for EvalOptions {
 pub fn evaluate(model: &Model, items: &[Item], options: EvalOptions) -> Result<Evaluation> {
     let mut results = Vec::with_capacity(items.len());
     let loop_options = LoopOptions { resize_masks: options.resize_masks };
-    let skipped =
-        score_items(model.detector.as_ref(), &model.pipeline, items, loop_options, "scoring", |event| {
-            let Event::Scored(s) = event else { return Ok(()) };
-            let predicted = model.pixel_verdicts(&s.scored);
-            let (pictures, thumbnail_png) = crate::report::pictures(
-                &s.image,
-                &s.scored.map,
-                &model.pixel_threshold,
-                &predicted,
-                s.truth.as_ref(),
-            )?;
-            results.push(ItemResult {
-                item: s.item.clone(),
-                image_score: s.scored.image_score,
-                decided_value: model.decided_value(&s.scored),
-                verdict: model.image_verdict(&s.scored),
-                width: s.scored.map.width,
-                height: s.scored.map.height,
-                map: s.scored.map.data,
-                gt: s.truth,
-                predicted,
-                seconds: s.seconds,
-                thumbnail_png,
-                pictures,
-            });
+    // Each image's pictures are made on the loop's workers, several images at a time.
+    let prepare = |s: ScoredItem<'_>| -> Result<ItemResult> {
+        let predicted = model.pixel_verdicts(&s.scored);
+        let (pictures, thumbnail_png) = crate::report::pictures(
+            &s.image,
+            &s.scored.map,
+            &model.pixel_threshold,
+            &predicted,
+            s.truth.as_ref(),
+        )?;
+        Ok(ItemResult {
+            item: s.item.clone(),
+            image_score: s.scored.image_score,
+            decided_value: model.decided_value(&s.scored),
+            verdict: model.image_verdict(&s.scored),
+            width: s.scored.map.width,
+            height: s.scored.map.height,
+            map: s.scored.map.data,
+            gt: s.truth,
+            predicted,
+            seconds: s.seconds,
+            thumbnail_png,
+            pictures,
+        })
+    };
+    let skipped = process_items(
+        model.detector.as_ref(),
+        &model.pipeline,
+        items,
+        loop_options,
+        "scoring",
+        prepare,
+        |event| {
+            if let Event::Scored(r) = event {
+                results.push(r);
+            }
             Ok(())
-        })?;
-    let metrics = compute_metrics(&results, options.aupro_limit)?;
+        },
+    )?;
+    let (metrics, pro_curve) = compute_metrics(&results, options.aupro_limit)?;
     Ok(Evaluation {
         results,
         metrics,
+        pro_curve,
         skipped,
         image_threshold: model.image_threshold.clone(),
         pixel_threshold: model.pixel_threshold.clone(),
     })
 }
 
-pub fn compute_metrics(results: &[ItemResult], aupro_limit: f64) -> Result<Metrics> {
+/// Points kept of a curve drawn in the report.
+pub const PLOT_POINTS: usize = 2000;
+
+/// The figures of a scored test set, and the PRO curve (thinned) when there is one: it comes from
+/// the same ranking of the pixels as AUPRO.
+pub fn compute_metrics(
+    results: &[ItemResult],
+    aupro_limit: f64,
+) -> Result<(Metrics, Option<vigil_metrics::Curve>)> {
     use vigil_metrics as vm;
     let scores: Vec<f64> = results.iter().map(|r| r.image_score as f64).collect();
     let labels: Vec<bool> = results.iter().map(|r| r.item.label == Some(true)).collect();
@@ -143,6 +166,7 @@ pub fn compute_metrics(results: &[ItemResult], aupro_limit: f64) -> Result<Metri
     m.image_f1 = Some(c.f1());
 
     // Pixel level: only when every image has a ground truth (normal ones are all-zero).
+    let mut pro_curve = None;
     let with_gt: Vec<&ItemResult> = results.iter().filter(|r| r.gt.is_some()).collect();
     let any_defect_pixels = with_gt.iter().any(|r| r.gt.as_ref().is_some_and(|g| g.count() > 0));
     if with_gt.len() == results.len() && any_defect_pixels {
@@ -151,9 +175,20 @@ pub fn compute_metrics(results: &[ItemResult], aupro_limit: f64) -> Result<Metri
         let sizes: Vec<(usize, usize)> = with_gt.iter().map(|r| (r.width, r.height)).collect();
         let flat_scores: Vec<f32> = maps.iter().flat_map(|s| s.iter().copied()).collect();
         let flat_labels: Vec<bool> = truth.iter().flat_map(|g| g.iter().copied()).collect();
-        m.pixel_auroc = Some(vm::roc_auc(&flat_scores, &flat_labels)?);
-        m.pixel_ap = Some(vm::average_precision(&flat_scores, &flat_labels)?);
-        m.aupro = Some(vm::aupro(&maps, &truth, &sizes, aupro_limit)?);
+        // Each of the three sorts millions of pixels; they run side by side.
+        let (ranking, (pro, oracle)) = rayon::join(
+            || vm::roc_auc_and_average_precision(&flat_scores, &flat_labels),
+            || {
+                rayon::join(
+                    || vm::aupro_and_pro_curve(&maps, &truth, &sizes, aupro_limit),
+                    || vm::oracle_mean_iou(&maps, &truth),
+                )
+            },
+        );
+        let (auroc, ap) = ranking?;
+        let (aupro, curve) = pro?;
+        (m.pixel_auroc, m.pixel_ap, m.aupro) = (Some(auroc), Some(ap), Some(aupro));
+        pro_curve = Some(curve.downsampled(PLOT_POINTS));
         let predicted: Vec<&[bool]> = with_gt.iter().map(|r| r.predicted.data.as_slice()).collect();
         let flat_pred: Vec<bool> = predicted.iter().flat_map(|p| p.iter().copied()).collect();
         let pc = vm::BinaryCounts::from_decisions(&flat_pred, &flat_labels)?;
@@ -161,7 +196,7 @@ pub fn compute_metrics(results: &[ItemResult], aupro_limit: f64) -> Result<Metri
         m.pixel_recall = Some(pc.recall());
         m.pixel_iou = Some(pc.iou());
         m.miou = Some(vm::mean_iou(&predicted, &truth)?);
-        m.oracle_miou = Some(vm::oracle_mean_iou(&maps, &truth)?.mean_iou);
+        m.oracle_miou = Some(oracle?.mean_iou);
     }
     let normals: Vec<&ItemResult> = results.iter().filter(|r| r.item.label == Some(false)).collect();
     if !normals.is_empty() {
@@ -169,7 +204,7 @@ pub fn compute_metrics(results: &[ItemResult], aupro_limit: f64) -> Result<Metri
             normals.iter().map(|r| vm::count_regions(&r.predicted)).sum::<vigil_core::Result<usize>>()?;
         m.false_regions_per_normal_image = Some(regions as f64 / normals.len() as f64);
     }
-    Ok(m)
+    Ok((m, pro_curve))
 }
 
 /// Figures of one defect kind (MVTec-style test sub-folder).

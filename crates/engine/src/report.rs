@@ -44,7 +44,7 @@ pub fn full_overlay(image: &Image, map: &Map, pixel_t: &Threshold, predicted: &M
 
 /// Curve points for plotting, thinned to what an SVG needs.
 fn points(curve: &vigil_metrics::Curve) -> Vec<(f64, f64)> {
-    curve.downsampled(2000).points.iter().map(|p| (p.x, p.y)).collect()
+    curve.downsampled(crate::evaluate::PLOT_POINTS).points.iter().map(|p| (p.x, p.y)).collect()
 }
 
 pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportData {
@@ -66,23 +66,15 @@ pub fn report_data(model: &Model, dataset: &str, eval: &Evaluation) -> ReportDat
     if let Ok(c) = vm::pr_curve(&scores, &labels) {
         curves.push(Curve::new("Image precision-recall", "recall", "precision", points(&c), false, None));
     }
-    if eval.metrics.aupro.is_some() {
-        let maps: Vec<&[f32]> = eval.results.iter().map(|r| r.map.as_slice()).collect();
-        let truth: Vec<&[bool]> =
-            eval.results.iter().filter_map(|r| r.gt.as_ref().map(|g| g.data.as_slice())).collect();
-        let sizes: Vec<(usize, usize)> = eval.results.iter().map(|r| (r.width, r.height)).collect();
-        if let Ok(c) = vm::pro_curve(&maps, &truth, &sizes) {
-            let points = points(&c);
-            let limit = eval.metrics.aupro_limit;
-            curves.push(Curve::new(
-                "PRO",
-                "false positive rate",
-                "per-region overlap",
-                points,
-                false,
-                Some(limit),
-            ));
-        }
+    if let Some(c) = &eval.pro_curve {
+        curves.push(Curve::new(
+            "PRO",
+            "false positive rate",
+            "per-region overlap",
+            points(c),
+            false,
+            Some(eval.metrics.aupro_limit),
+        ));
     }
     // The report shows the quantity the threshold decides on: for NFA thresholds the NFA of the
     // most significant region (as -log10 NFA, so that larger is more anomalous like a score).

@@ -57,6 +57,32 @@ impl<S: Score> Ranked<S> {
         Ok(())
     }
 
+    /// Needs both classes.
+    fn roc_auc(&self) -> f64 {
+        // Twice the area in units of one (1/N)·(1/P) cell; u128 because it reaches P·N·2.
+        let mut doubled_area: u128 = 0;
+        let (mut prev_tp, mut prev_fp) = (0u64, 0u64);
+        for cut in self.cuts() {
+            doubled_area += (cut.fp - prev_fp) as u128 * (cut.tp + prev_tp) as u128;
+            (prev_tp, prev_fp) = (cut.tp, cut.fp);
+        }
+        doubled_area as f64 / (2.0 * self.anomalous as f64 * self.normal as f64)
+    }
+
+    /// Needs an anomalous sample.
+    fn average_precision(&self) -> f64 {
+        let mut ap = 0.0;
+        let mut prev_tp = 0u64;
+        for cut in self.cuts() {
+            if cut.tp > prev_tp {
+                let recall_gain = (cut.tp - prev_tp) as f64 / self.anomalous as f64;
+                ap += recall_gain * cut.tp as f64 / (cut.tp + cut.fp) as f64;
+                prev_tp = cut.tp;
+            }
+        }
+        ap
+    }
+
     /// Cumulative counts at the end of each run of tied scores, by decreasing score.
     fn cuts(&self) -> impl Iterator<Item = Cut<S>> + '_ {
         let (mut tp, mut fp) = (0u64, 0u64);
@@ -80,14 +106,15 @@ struct Cut<S> {
 pub fn roc_auc<S: Score, L: Label>(scores: &[S], labels: &[L]) -> Result<f64> {
     let ranked = Ranked::new(scores, labels, "roc_auc")?;
     ranked.require_both_classes("roc_auc")?;
-    // Twice the area in units of one (1/N)·(1/P) cell; u128 because it reaches P·N·2.
-    let mut doubled_area: u128 = 0;
-    let (mut prev_tp, mut prev_fp) = (0u64, 0u64);
-    for cut in ranked.cuts() {
-        doubled_area += (cut.fp - prev_fp) as u128 * (cut.tp + prev_tp) as u128;
-        (prev_tp, prev_fp) = (cut.tp, cut.fp);
-    }
-    Ok(doubled_area as f64 / (2.0 * ranked.anomalous as f64 * ranked.normal as f64))
+    Ok(ranked.roc_auc())
+}
+
+/// [`roc_auc`] and [`average_precision`] of the same samples from one sort: pixel metrics pool
+/// millions of scores, and sorting them is most of the cost of either figure.
+pub fn roc_auc_and_average_precision<S: Score, L: Label>(scores: &[S], labels: &[L]) -> Result<(f64, f64)> {
+    let ranked = Ranked::new(scores, labels, "roc_auc")?;
+    ranked.require_both_classes("roc_auc")?;
+    Ok((ranked.roc_auc(), ranked.average_precision()))
 }
 
 /// Average precision, step-wise with tied scores grouped (= `sklearn.metrics.average_precision_score`).
@@ -95,16 +122,7 @@ pub fn roc_auc<S: Score, L: Label>(scores: &[S], labels: &[L]) -> Result<f64> {
 pub fn average_precision<S: Score, L: Label>(scores: &[S], labels: &[L]) -> Result<f64> {
     let ranked = Ranked::new(scores, labels, "average_precision")?;
     ranked.require_anomalous("average_precision")?;
-    let mut ap = 0.0;
-    let mut prev_tp = 0u64;
-    for cut in ranked.cuts() {
-        if cut.tp > prev_tp {
-            let recall_gain = (cut.tp - prev_tp) as f64 / ranked.anomalous as f64;
-            ap += recall_gain * cut.tp as f64 / (cut.tp + cut.fp) as f64;
-            prev_tp = cut.tp;
-        }
-    }
-    Ok(ap)
+    Ok(ranked.average_precision())
 }
 
 /// ROC curve: (FPR, TPR) from (0, 0) at threshold +∞ through every cut to (1, 1), without
@@ -329,6 +347,15 @@ mod tests {
         assert!((auc - pairwise_auc(&scores, &labels)).abs() < 1e-12);
         // sklearn: roc_auc_score([0,0,1,1],[0.1,0.4,0.35,0.8]) = 0.75
         assert!((roc_auc(&[0.1, 0.4, 0.35, 0.8], &[0u8, 0, 1, 1]).unwrap() - 0.75).abs() < 1e-15);
+    }
+
+    #[test]
+    fn one_sort_gives_both_auc_and_ap() {
+        let scores = [0.1f32, 0.4, 0.35, 0.8, 0.4, 0.4, 0.1, 0.9, 0.35];
+        let labels = [false, false, true, true, true, false, false, true, false];
+        let both = roc_auc_and_average_precision(&scores, &labels).unwrap();
+        assert_eq!(both, (roc_auc(&scores, &labels).unwrap(), average_precision(&scores, &labels).unwrap()));
+        assert!(roc_auc_and_average_precision(&[0.1f32, 0.2], &[true, true]).is_err());
     }
 
     #[test]

@@ -21,10 +21,11 @@ pub mod segmentation;
 pub mod threshold;
 
 pub use binary::{
-    average_precision, f1_max, f1_max_detailed, pr_curve, roc_auc, roc_curve, BinaryCounts, F1Max,
+    average_precision, f1_max, f1_max_detailed, pr_curve, roc_auc, roc_auc_and_average_precision, roc_curve,
+    BinaryCounts, F1Max,
 };
 pub use curve::{Curve, CurvePoint};
-pub use pro::{aupro, aupro_of_maps, count_regions, pro_curve, pro_curve_of_maps};
+pub use pro::{aupro, aupro_and_pro_curve, aupro_of_maps, count_regions, pro_curve, pro_curve_of_maps};
 pub use reduction::ImageScoreReduction;
 pub use scores::{Label, Score};
 pub use segmentation::{

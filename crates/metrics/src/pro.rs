@@ -214,6 +214,26 @@ pub fn pro_curve(maps: &[&[f32]], masks: &[&[bool]], sizes: &[(usize, usize)]) -
     Ok(Curve { points })
 }
 
+/// [`aupro`] and [`pro_curve`] from one ranking of the pixels (the sort is most of the cost).
+pub fn aupro_and_pro_curve(
+    maps: &[&[f32]],
+    masks: &[&[bool]],
+    sizes: &[(usize, usize)],
+    fpr_limit: f64,
+) -> Result<(f64, Curve)> {
+    check_limit(fpr_limit)?;
+    let ranking = RegionRanking::new(maps, masks, sizes, "aupro")?;
+    let mut integral = LimitedTrapezoid::new(fpr_limit, (0.0, 0.0));
+    let mut points = vec![CurvePoint { x: 0.0, y: 0.0, threshold: f64::INFINITY }];
+    ranking.for_each_cut(|fpr, pro, score| {
+        integral.push(fpr, pro);
+        points.push(CurvePoint { x: fpr, y: pro, threshold: score as f64 });
+    });
+    integral.push(1.0, 1.0);
+    points.push(CurvePoint { x: 1.0, y: 1.0, threshold: f64::NEG_INFINITY });
+    Ok((integral.area / fpr_limit, Curve { points }))
+}
+
 /// [`aupro`] on vigil maps and masks; each map must have its mask's size.
 pub fn aupro_of_maps(maps: &[&Map], masks: &[&Mask], fpr_limit: f64) -> Result<f64> {
     let (m, k, s) = split_maps(maps, masks, "aupro")?;
@@ -301,6 +321,16 @@ mod tests {
         assert!((area - 0.5).abs() < 1e-15, "{area}");
         // With limit 0.3 the step to (1/4, 1/2) and interpolation leave 1/2 as well.
         assert!((aupro(&[&map], &[&mask], &[(9, 1)], 0.3).unwrap() - 0.5).abs() < 1e-15);
+    }
+
+    #[test]
+    fn one_ranking_gives_the_same_area_and_curve_as_two() {
+        let mask = [true, false, false, true, true, true, true, false, false];
+        let map = [0.9f32, 0.1, 0.2, 0.05, 0.05, 0.07, 0.05, 0.3, 0.4];
+        let (area, curve) = aupro_and_pro_curve(&[&map], &[&mask], &[(3, 3)], 0.3).unwrap();
+        assert_eq!(area, aupro(&[&map], &[&mask], &[(3, 3)], 0.3).unwrap());
+        assert_eq!(curve.points, pro_curve(&[&map], &[&mask], &[(3, 3)]).unwrap().points);
+        assert!(aupro_and_pro_curve(&[&map], &[&mask], &[(3, 3)], 0.0).is_err());
     }
 
     #[test]

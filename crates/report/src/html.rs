@@ -9,7 +9,7 @@ use vigil_core::{Result, Threshold, ThresholdLevel, VigilError};
 
 use crate::colormap::turbo;
 use crate::overlay::{OUTLINE_COLOUR, TRUTH_COLOUR};
-use crate::pictures::{ItemPictures, Picture};
+use crate::pictures::{ItemPictures, Picture, LARGE_VIEW_MAX_SIDE};
 use crate::svg;
 
 /// Thumbnails are at most this many pixels on either side, which keeps the gallery of a few
@@ -286,7 +286,8 @@ svg .limit{font-size:11px}
 .view .close{font-weight:700;text-decoration:none;color:#1d2330;font-size:15px;white-space:nowrap}
 .view .large{display:flex;flex-wrap:wrap;gap:10px}
 .view figure{margin:0;flex:1 1 300px;max-width:512px}
-.view figure img{display:block;width:100%;height:auto;background:#000;image-rendering:pixelated}
+.view figure img{display:block;width:100%;height:auto;background:#000}
+img.px{image-rendering:pixelated}
 .view figcaption{color:#5b6270;font-size:12px;text-align:center}
 ul{margin:4px 0;padding-left:20px}
 ";
@@ -528,9 +529,13 @@ fn colour_legend(h: &mut String, truth: bool) {
 }
 
 fn img(h: &mut String, picture: &Picture, alt: &str) {
+    // small images shown enlarged keep sharp pixels; larger ones shown shrunk are smoothed, so
+    // their 1-px outlines do not break into dashes
+    let class =
+        if picture.width().max(picture.height()) < LARGE_VIEW_MAX_SIDE / 2 { " class=\"px\"" } else { "" };
     let _ = write!(
         h,
-        "<img src=\"{}\" width=\"{}\" height=\"{}\" alt=\"{alt}\">",
+        "<img{class} src=\"{}\" width=\"{}\" height=\"{}\" alt=\"{alt}\">",
         picture.data_uri(),
         picture.width(),
         picture.height()
@@ -824,7 +829,10 @@ mod tests {
             vec![ReportItem { pictures: pictures(1200, 600, true), ..item("big", 1.0, Some(true), true) }];
         let html = render_html(&big).unwrap();
         assert!(html.contains("width=\"160\" height=\"80\" alt=\"big: overlay\""));
+        assert!(html.contains("<img src=\"data:image/jpeg;base64,"), "larger views are smoothed when shrunk");
         assert!(html.contains("width=\"512\" height=\"256\" alt=\"big: overlay, larger view\""));
+        // the 16-px images of the sample are shown enlarged with sharp pixels
+        assert_eq!(render_html(&sample()).unwrap().matches("<img class=\"px\"").count(), 4 * 6);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use image::{ExtendedColorType, ImageEncoder, RgbImage};
 use vigil_core::model_file::write_atomic;
 use vigil_core::{Image, Map, Mask, Result, VigilError};
 
-use crate::colormap::{normalize, turbo};
+use crate::colormap::{normalize, to_level, turbo};
 
 /// Magenta: absent from Turbo and far from gray, so the outline stands out on both.
 pub const OUTLINE_COLOUR: [u8; 3] = [255, 0, 255];
@@ -71,7 +71,7 @@ pub fn to_rgb(image: &Image) -> RgbImage {
     let planes = display_planes(image, &black);
     let mut out = RgbImage::new(image.width as u32, image.height as u32);
     for (i, pixel) in out.pixels_mut().enumerate() {
-        pixel.0 = std::array::from_fn(|c| display_level(planes[c][i]).round() as u8);
+        pixel.0 = std::array::from_fn(|c| to_level(display_level(planes[c][i])));
     }
     out
 }
@@ -106,24 +106,29 @@ fn display_level(v: f32) -> f32 {
 pub fn overlay(image: &Image, map: &Map, lo: f32, hi: f32, predicted: Option<&Mask>, alpha: f32) -> RgbImage {
     let alpha = if alpha.is_nan() { 0.5 } else { alpha.clamp(0.0, 1.0) };
     let (w, h) = (image.width, image.height);
-    let map = map.resize_bilinear(w, h);
+    let resized;
+    let map = if (map.width, map.height) == (w, h) {
+        map
+    } else {
+        resized = map.resize_bilinear(w, h);
+        &resized
+    };
     let edge = predicted.map(|m| outline(&m.resize_nearest(w, h)));
     let black = vec![0f32; image.plane_len()];
     let planes = display_planes(image, &black);
     let mut out = RgbImage::new(w as u32, h as u32);
-    for (i, pixel) in out.pixels_mut().enumerate() {
-        if edge.as_ref().is_some_and(|e| e.data[i]) {
-            pixel.0 = OUTLINE_COLOUR;
-            continue;
-        }
-        if map.data[i].is_nan() {
-            pixel.0 = INVALID_COLOUR;
-            continue;
-        }
-        let heat = turbo(normalize(map.data[i], lo, hi));
-        pixel.0 = std::array::from_fn(|c| {
-            (display_level(planes[c][i]) * (1.0 - alpha) + heat[c] as f32 * alpha).round() as u8
-        });
+    for (i, pixel) in out.chunks_exact_mut(3).enumerate() {
+        let colour = if edge.as_ref().is_some_and(|e| e.data[i]) {
+            OUTLINE_COLOUR
+        } else if map.data[i].is_nan() {
+            INVALID_COLOUR
+        } else {
+            let heat = turbo(normalize(map.data[i], lo, hi));
+            std::array::from_fn(|c| {
+                to_level(display_level(planes[c][i]) * (1.0 - alpha) + heat[c] as f32 * alpha)
+            })
+        };
+        pixel.copy_from_slice(&colour);
     }
     out
 }
