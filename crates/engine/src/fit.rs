@@ -84,6 +84,7 @@ fn plan(
     pipeline: &Pipeline,
     opts: &FitOptions,
     n_train: usize,
+    n_held_out: usize,
 ) -> Result<Plan> {
     if !(0.0..1.0).contains(&opts.val_fraction) {
         bail!("--val-fraction must be in [0, 1), got {}", opts.val_fraction);
@@ -120,49 +121,61 @@ fn plan(
                 "a pixel-level F1 threshold needs a mask for every anomalous validation image (--val-masks)"
             );
         }
-        if rule.needs_normal_scores() && !opts.fit_on_all {
-            let held = validation_split(&vec![PathBuf::new(); n_train], opts.val_fraction, opts.seed).1.len();
-            if held == 0 {
-                bail!(
-                    "the {level} threshold {rule} needs scores of held-out normal images, but none are held out \
-                     ({n_train} training image(s), --val-fraction {}): use --fit-on-all to take them from the \
-                     training images themselves, or a threshold that needs none (fixed:V, nfa:K)",
-                    opts.val_fraction
-                );
-            }
+        if rule.needs_normal_scores() && !opts.fit_on_all && n_held_out == 0 {
+            bail!(
+                "the {level} threshold {rule} needs scores of held-out normal images, but none are held out \
+                 ({n_train} training image(s), --val-fraction {}): use --fit-on-all to take them from the \
+                 training images themselves, or a threshold that needs none (fixed:V, nfa:K)",
+                opts.val_fraction
+            );
         }
     }
     Ok(Plan { image_rule, pixel_rule })
 }
 
-/// Fits a method on normal images and sets its thresholds. Options are checked before any image
-/// is scored or any network trained.
+/// Fits a method on normal images and sets its thresholds: `opts.val_fraction` of the images,
+/// drawn with `opts.seed`, are held out for the thresholds (none with `opts.fit_on_all`). Options
+/// are checked before any image is scored or any network trained.
 pub fn fit(
     spec: &MethodSpec,
     train_paths: Vec<PathBuf>,
     pipeline: &PipelineOptions,
     opts: FitOptions,
 ) -> Result<Model> {
+    let (fit_paths, held_out) = if opts.fit_on_all {
+        (train_paths, Vec::new())
+    } else {
+        validation_split(&train_paths, opts.val_fraction, opts.seed)
+    };
+    fit_with_held_out(spec, fit_paths, held_out, pipeline, opts)
+}
+
+/// [`fit()`] with the held-out normal images chosen by the caller (a fixed evaluation protocol):
+/// the method learns from `fit_paths`, and the thresholds and the NFA check come from `held_out`
+/// (`opts.val_fraction` is not used).
+pub fn fit_with_held_out(
+    spec: &MethodSpec,
+    fit_paths: Vec<PathBuf>,
+    held_out: Vec<PathBuf>,
+    pipeline: &PipelineOptions,
+    opts: FitOptions,
+) -> Result<Model> {
     let mut pipeline = Pipeline::new(pipeline)?;
     let mut detector = spec.build()?;
     let needs_training = spec.needs_training();
-    if needs_training && train_paths.is_empty() {
+    if needs_training && fit_paths.is_empty() {
         bail!("method {} learns from normal images: give --train <folder>", spec.label());
     }
     let own = detector.default_threshold().as_ref().and_then(ThresholdRule::of_kind);
     let provides_nfa = own.is_some_and(|r| r.is_nfa());
-    let plan = plan(spec, provides_nfa, own, &pipeline, &opts, train_paths.len())?;
-    if let Some(first) = train_paths.first() {
+    let n_train = fit_paths.len() + held_out.len();
+    let plan = plan(spec, provides_nfa, own, &pipeline, &opts, n_train, held_out.len())?;
+    if let Some(first) = fit_paths.first().or(held_out.first()) {
         let image = vigil_data::io::load_image(first)?;
         pipeline.check_size(image.width, image.height, &first.display().to_string())?;
         pipeline.record_training_image(&image);
     }
 
-    let (fit_paths, held_out) = if opts.fit_on_all {
-        (train_paths.clone(), Vec::new())
-    } else {
-        validation_split(&train_paths, opts.val_fraction, opts.seed)
-    };
     let n_fit = fit_paths.len();
     let start = Instant::now();
     if needs_training {

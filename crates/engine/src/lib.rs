@@ -24,7 +24,7 @@ pub mod run;
 pub mod tiling;
 
 pub use evaluate::{evaluate, EvalOptions, Evaluation, ItemResult, Metrics};
-pub use fit::{fit, training_images, FitOptions};
+pub use fit::{fit, fit_with_held_out, training_images, FitOptions};
 pub use model::Model;
 pub use pipeline::{Pipeline, PipelineOptions, Scored};
 pub use registry::MethodSpec;

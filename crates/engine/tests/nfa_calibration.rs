@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use vigil_core::ThresholdKind;
 use vigil_data::dataset::validation_split;
-use vigil_engine::{fit, FitOptions, MethodSpec, Model, PipelineOptions};
+use vigil_engine::{fit, fit_with_held_out, FitOptions, MethodSpec, Model, PipelineOptions};
 use vigil_metrics::ThresholdRule;
 use vigil_nfa::calibration::false_detections_per_image;
 
@@ -43,22 +43,29 @@ fn write_textures(dir: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A small a contrario detector with training statistics.
+fn spec() -> MethodSpec {
+    MethodSpec::parse("acontrario:statistics=training,scales=2,patch_size=7,components=8", &[]).unwrap()
+}
+
 fn fit_with(train: &[PathBuf], rule: ThresholdRule) -> Model {
-    let spec =
-        MethodSpec::parse("acontrario:statistics=training,scales=2,patch_size=7,components=8", &[]).unwrap();
     let opts = FitOptions {
         val_fraction: VAL_FRACTION,
         seed: SEED,
         image_threshold: Some(rule),
         ..Default::default()
     };
-    fit(&spec, train.to_vec(), &PipelineOptions::default(), opts).unwrap()
+    fit(&spec(), train.to_vec(), &PipelineOptions::default(), opts).unwrap()
 }
 
 /// The log10 NFA maps the model gives the held-out normal images.
 fn held_out_maps(model: &Model, train: &[PathBuf]) -> Vec<vigil_core::Map> {
-    let (_, held_out) = validation_split(train, VAL_FRACTION, SEED);
-    held_out
+    nfa_maps(model, &validation_split(train, VAL_FRACTION, SEED).1)
+}
+
+/// The log10 NFA maps the model gives `images`.
+fn nfa_maps(model: &Model, images: &[PathBuf]) -> Vec<vigil_core::Map> {
+    images
         .iter()
         .map(|p| {
             let image = vigil_data::io::load_image(p).unwrap();
@@ -108,16 +115,33 @@ fn nfa_thresholds_are_checked_and_calibrated_on_held_out_normals() {
 fn a_calibrated_threshold_needs_held_out_images() {
     let tmp = tempfile::tempdir().unwrap();
     let train = write_textures(&tmp.path().join("train"), 4);
-    let spec =
-        MethodSpec::parse("acontrario:statistics=training,scales=2,patch_size=7,components=8", &[]).unwrap();
     let opts = FitOptions {
         val_fraction: 0.0,
         image_threshold: Some(ThresholdRule::NfaCalibrated(0.0)),
         ..Default::default()
     };
-    let Err(err) = fit(&spec, train, &PipelineOptions::default(), opts) else {
+    let Err(err) = fit(&spec(), train, &PipelineOptions::default(), opts) else {
         panic!("a calibrated NFA threshold without held-out images must be refused")
     };
     let err = err.to_string();
     assert!(err.contains("held-out"), "{err}");
+}
+
+#[test]
+fn the_nfa_check_reads_the_held_out_images_the_caller_chose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = write_textures(&tmp.path().join("train"), 12);
+    // Every fourth image held out, as a fixed protocol would.
+    let held_out: Vec<PathBuf> = train.iter().skip(3).step_by(4).cloned().collect();
+    let fit_paths: Vec<PathBuf> = train.iter().filter(|p| !held_out.contains(p)).cloned().collect();
+    let opts = FitOptions { image_threshold: Some(ThresholdRule::NfaCalibrated(0.0)), ..Default::default() };
+    let model =
+        fit_with_held_out(&spec(), fit_paths, held_out.clone(), &PipelineOptions::default(), opts).unwrap();
+    assert_eq!(model.fit_info["train_images"], 9);
+    let check = &model.fit_info["nfa_check"];
+    assert_eq!(check["held_out_images"], 3);
+    assert_eq!(
+        check["false_detections_per_image_at_theoretical"].as_f64().unwrap(),
+        false_detections_per_image(&nfa_maps(&model, &held_out), 0.0)
+    );
 }

@@ -296,6 +296,11 @@ impl BinaryCounts {
         ratio(self.tp, self.tp + self.fn_)
     }
 
+    /// fp / (fp + tn): the share of normal samples flagged; 0 when there is no normal sample.
+    pub fn false_positive_rate(&self) -> f64 {
+        ratio(self.fp, self.fp + self.tn)
+    }
+
     /// 2tp / (2tp + fp + fn) (= harmonic mean of precision and recall); 0 when undefined.
     pub fn f1(&self) -> f64 {
         ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn_)
@@ -424,8 +429,10 @@ mod tests {
         assert!((c.recall() - 0.6).abs() < 1e-15);
         assert!((c.f1() - 2.0 * 0.75 * 0.6 / 1.35).abs() < 1e-15);
         assert!((c.iou() - 0.5).abs() < 1e-15);
+        assert!((c.false_positive_rate() - 1.0 / 6.0).abs() < 1e-15);
         let none = BinaryCounts { tn: 4, ..Default::default() };
         assert_eq!((none.precision(), none.recall(), none.f1(), none.accuracy()), (0.0, 0.0, 0.0, 1.0));
+        assert_eq!(BinaryCounts { tp: 2, ..Default::default() }.false_positive_rate(), 0.0);
         let c = BinaryCounts::from_decisions(&[1u8, 0, 1], &[true, true, false]).unwrap();
         assert_eq!(c, BinaryCounts { tp: 1, fp: 1, tn: 0, fn_: 1 });
     }
