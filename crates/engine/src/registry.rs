@@ -48,6 +48,19 @@ impl Method for vigil_uflow::UflowDetector {
     }
 }
 
+impl Method for vigil_fastflow::FastflowDetector {
+    type Settings = vigil_fastflow::FastflowSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(vigil_fastflow::FastflowSpec::complete(settings)).expect("settings serialise")
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
 impl Method for vigil_patchcore::PatchcoreDetector {
     type Settings = vigil_patchcore::PatchcoreSettings;
     fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
@@ -131,6 +144,13 @@ pub fn registry() -> Vec<MethodEntry> {
             "uflow",
             "U-Flow (thesis ch. 5): U-shaped normalizing flow on multi-scale pretrained features; a contrario \
              segmentation on the max-tree of the latent, so NFA <= 1 is the threshold.",
+            Default::default(),
+        ),
+        entry::<vigil_fastflow::FastflowDetector>(
+            "fastflow",
+            "FastFlow: a trainable LayerNorm and an 8-step 2D normalizing flow per scale on frozen CNN features at \
+             strides 4/8/16; map = mean over scales of -exp(-mean_c z^2 / 2), score = max. Default: the CPU preset \
+             (MobileNetV2, 128 px, 40 epochs); `preset=paper` is anomalib's (ResNet-18 weights, 256 px, 500 epochs).",
             Default::default(),
         ),
         entry::<vigil_patchcore::PatchcoreDetector>(

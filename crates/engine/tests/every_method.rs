@@ -33,6 +33,7 @@ fn small_settings(name: &str) -> Option<&'static str> {
         "acontrario" => "statistics=training,scales=2,patch_size=7,components=8",
         "patchcore" => "random_weights_seed=1,input_size=64",
         "padim" => "random_weights_seed=1,input_size=64",
+        "fastflow" => "random_weights_seed=1,input_size=32,epochs=1,flow_steps=2,batch_size=4",
         "draem" | "draem-unetpp" => "steps=2,image_size=32,batch=2",
         "uflow" => {
             vigil_core::shared_data::shared_path("weights/mobilenet_v2")?;
