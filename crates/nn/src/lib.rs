@@ -4,13 +4,15 @@
 //! exact-resume checkpoints and a small training loop.
 //!
 //! Layers (Conv2d, BatchNorm, pooling, interpolation, activations) are burn's own; they are
-//! re-exported here so methods depend on one engine crate.
+//! re-exported here so methods depend on one engine crate. [`kernels`] runs convolutions and
+//! BatchNorm + activation on the CPU by vigil's own training kernels, as burn operations.
 //!
 //! [`TensorBag`]: vigil_core::TensorBag
 
 pub mod checkpoint;
 pub mod device;
 pub mod init;
+pub mod kernels;
 pub mod loss;
 pub mod optim;
 pub mod schedule;

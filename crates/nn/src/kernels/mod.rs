@@ -1,0 +1,385 @@
+//! vigil's own CPU training kernels for layers burn-flex runs slowly, as burn operations with
+//! their backward passes, so networks stay burn modules.
+//!
+//! A network calls the layer functions here ([`conv2d`]) instead of the module's `forward`. On
+//! the flex CPU backend (with or without autodiff) and f32 they run vigil's kernels, reached
+//! through burn's backend-extension mechanism ([`TrainingKernels`]); on any other backend, for
+//! other float types, or when [`KernelChoice::Burn`] is chosen, they call burn's own operation,
+//! so GPU builds and the reference path keep working unchanged.
+//!
+//! Which path runs: [`KernelChoice::Vigil`] by default; the environment variable
+//! `VIGIL_KERNELS=burn` makes burn's operations the process default (to compare or to rule the
+//! kernels out), and [`with_kernels`] chooses for the layer calls made on the current thread.
+
+mod conv;
+mod extension;
+mod norm;
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use burn::backend::{Dispatch, DispatchDevice};
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
+use burn::tensor::activation::{leaky_relu, relu};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Tensor};
+
+pub use extension::TrainingKernels;
+
+/// A pointer that rayon tasks may share because each writes a disjoint part of its buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used by tasks that write disjoint elements (argued at each use).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer, through a method so closures capture the whole (Send) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Which implementation the layer functions use on the flex CPU backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// vigil's kernels (the default).
+    Vigil,
+    /// burn's own operations.
+    Burn,
+}
+
+/// The environment variable that sets the process default: `burn` or `vigil`.
+pub const KERNELS_ENV: &str = "VIGIL_KERNELS";
+
+thread_local! {
+    static THREAD_CHOICE: Cell<Option<KernelChoice>> = const { Cell::new(None) };
+}
+
+fn process_default() -> KernelChoice {
+    static DEFAULT: OnceLock<KernelChoice> = OnceLock::new();
+    *DEFAULT.get_or_init(|| match std::env::var(KERNELS_ENV).as_deref() {
+        Err(_) | Ok("vigil") => KernelChoice::Vigil,
+        Ok("burn") => KernelChoice::Burn,
+        Ok(other) => {
+            eprintln!(
+                "warning: {KERNELS_ENV}={other:?} is neither \"vigil\" nor \"burn\"; using vigil's kernels"
+            );
+            KernelChoice::Vigil
+        }
+    })
+}
+
+/// The implementation layer calls on this thread use now.
+pub fn kernel_choice() -> KernelChoice {
+    THREAD_CHOICE.get().unwrap_or_else(process_default)
+}
+
+/// Runs `f` with the layer calls it makes on this thread using `choice` (restored afterwards,
+/// also when `f` panics).
+pub fn with_kernels<T>(choice: KernelChoice, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<KernelChoice>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_CHOICE.set(self.0);
+        }
+    }
+    let _restore = Restore(THREAD_CHOICE.replace(Some(choice)));
+    f()
+}
+
+/// Whether a layer call on `x` goes to vigil's kernels.
+fn vigil_kernels_take<const D: usize>(x: &Tensor<D>) -> bool {
+    kernel_choice() == KernelChoice::Vigil
+        && x.dtype() == DType::F32
+        && matches!(x.device().as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+}
+
+/// ((top, bottom), (left, right)) padding of a convolution, as burn's `Conv2d::forward`
+/// resolves it (its own helper is private to burn-nn).
+fn padding_pairs(conv: &Conv2d, height: usize, width: usize) -> [(usize, usize); 2] {
+    let same = |kernel: usize, stride: usize, size: usize| {
+        let total = ((size.div_ceil(stride).max(1) - 1) * stride + kernel).saturating_sub(size);
+        (total / 2, total - total / 2)
+    };
+    match conv.padding {
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Same => [
+            same(conv.kernel_size[0], conv.stride[0], height),
+            same(conv.kernel_size[1], conv.stride[1], width),
+        ],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+    }
+}
+
+/// `conv.forward(x)`, by vigil's kernels where they apply (one group).
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if conv.groups != 1 || !vigil_kernels_take(&x) {
+        return conv.forward(x);
+    }
+    let [_, _, height, width] = x.dims();
+    let options =
+        ConvOptions::new_with_padding(conv.stride, padding_pairs(conv, height, width), conv.dilation, 1);
+    let (x, weight) = (x.into_dispatch(), conv.weight.val().into_dispatch());
+    Tensor::from_dispatch(match &conv.bias {
+        Some(bias) => {
+            <Dispatch as TrainingKernels>::fast_conv2d_bias(x, weight, bias.val().into_dispatch(), options)
+        }
+        None => <Dispatch as TrainingKernels>::fast_conv2d(x, weight, options),
+    })
+}
+
+/// `relu(bn.forward(x))` for `slope` 0, else `leaky_relu(bn.forward(x), slope)`; in training
+/// mode (an autodiff device and a trainable layer) by one fused vigil kernel, with the running
+/// statistics updated as burn's `BatchNorm` does.
+pub fn batch_norm_act(bn: &BatchNorm, x: Tensor<4>, slope: f64) -> Tensor<4> {
+    let training = x.device().is_autodiff() && bn.training.is_enabled();
+    if !training || !vigil_kernels_take(&x) {
+        let y = bn.forward(x);
+        return if slope == 0.0 { relu(y) } else { leaky_relu(y, slope) };
+    }
+    let device = x.device();
+    let (out, mean, variance) = <Dispatch as TrainingKernels>::fast_batch_norm_act(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+        slope,
+    );
+    let (mean, variance) = (Tensor::<1>::from_dispatch(mean), Tensor::<1>::from_dispatch(variance));
+    let momentum = bn.momentum;
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
+    bn.running_mean
+        .update(running_mean.mul_scalar(1.0 - momentum).add(mean.detach().mul_scalar(momentum)).detach());
+    bn.running_var
+        .update(running_var.mul_scalar(1.0 - momentum).add(variance.detach().mul_scalar(momentum)).detach());
+    Tensor::from_dispatch(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::{tensor_from_vec, tensor_to_vec};
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 997) as f32 / 498.5 - 1.0)
+            .collect()
+    }
+
+    /// A convolution with deterministic weights: [cin, cout], kernel, stride, padding, bias.
+    fn conv_of(
+        device: &Device,
+        [cin, cout]: [usize; 2],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: PaddingConfig2d,
+        bias: bool,
+    ) -> Conv2d {
+        let mut conv = Conv2dConfig::new([cin, cout], kernel)
+            .with_stride(stride)
+            .with_padding(padding)
+            .with_bias(bias)
+            .init(device);
+        let shape = [cout, cin, kernel[0], kernel[1]];
+        conv.weight = conv
+            .weight
+            .map(|_| tensor_from_vec(values(shape.iter().product(), 11), shape, device).require_grad());
+        conv.bias =
+            conv.bias.map(|b| b.map(|_| tensor_from_vec(values(cout, 12), [cout], device).require_grad()));
+        conv
+    }
+
+    struct Grads {
+        out: Vec<f32>,
+        x: Vec<f32>,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    }
+
+    /// Output and gradients of sum(conv(x) · r) with `choice`'s kernels.
+    fn run(conv: &Conv2d, x: &[f32], shape: [usize; 4], choice: KernelChoice) -> Grads {
+        let device = Device::flex().autodiff();
+        let x = tensor_from_vec(x.to_vec(), shape, &device).require_grad();
+        let out = with_kernels(choice, || conv2d(conv, x.clone()));
+        let dims = out.dims();
+        let r = tensor_from_vec(values(dims.iter().product(), 13), dims, &device);
+        let grads = (out.clone() * r).sum().backward();
+        Grads {
+            out: tensor_to_vec(out),
+            x: tensor_to_vec(x.grad(&grads).expect("input gradient")),
+            weight: tensor_to_vec(conv.weight.val().grad(&grads).expect("weight gradient")),
+            bias: conv.bias.as_ref().map(|b| tensor_to_vec(b.val().grad(&grads).expect("bias gradient"))),
+        }
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs().max(y.abs())), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// Odd sizes, strides 1 and 2, explicit, same and no padding, with and without a bias:
+    /// vigil's output and gradients equal burn's.
+    #[test]
+    fn conv2d_matches_burn_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        let cases = [
+            ([3, 5], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 3, 13, 11]),
+            ([4, 6], [3, 3], [2, 2], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 4, 15, 9]),
+            ([5, 3], [1, 1], [1, 1], PaddingConfig2d::Valid, true, [3, 5, 7, 10]),
+            ([2, 4], [3, 2], [2, 1], PaddingConfig2d::Explicit(2, 0, 1, 1), false, [1, 2, 9, 8]),
+            ([3, 4], [3, 3], [2, 2], PaddingConfig2d::Same, false, [2, 3, 12, 7]),
+            ([6, 8], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 6, 37, 41]),
+        ];
+        for (channels, kernel, stride, padding, bias, shape) in cases {
+            let what = format!("{channels:?} k{kernel:?} s{stride:?} {padding:?} {shape:?}");
+            let conv = conv_of(&device, channels, kernel, stride, padding, bias);
+            let x = values(shape.iter().product(), 14);
+            let (vigil, burn) =
+                (run(&conv, &x, shape, KernelChoice::Vigil), run(&conv, &x, shape, KernelChoice::Burn));
+            assert_close(&vigil.out, &burn.out, &format!("output {what}"));
+            assert_close(&vigil.x, &burn.x, &format!("input gradient {what}"));
+            assert_close(&vigil.weight, &burn.weight, &format!("weight gradient {what}"));
+            assert_eq!(vigil.bias.is_some(), bias);
+            if let (Some(v), Some(b)) = (vigil.bias, burn.bias) {
+                assert_close(&v, &b, &format!("bias gradient {what}"));
+            }
+            // Thousands of sums in another order than burn's: some bits differ, so vigil's
+            // kernels did run.
+            if shape.iter().product::<usize>() > 10_000 {
+                assert_ne!(vigil.weight, burn.weight, "vigil's kernels were not used");
+            }
+        }
+    }
+
+    /// Central differences of sum(conv(x) · r) in f64 over the inputs and weights of small
+    /// convolutions against vigil's gradients.
+    #[test]
+    fn conv2d_gradients_match_finite_differences() {
+        let device = Device::flex().autodiff();
+        for (stride, padding) in
+            [([1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1)), ([2, 2], PaddingConfig2d::Explicit(0, 1, 1, 0))]
+        {
+            let shape = [2, 2, 7, 6];
+            let conv = conv_of(&device, [2, 3], [3, 3], stride, padding.clone(), true);
+            let x = values(shape.iter().product(), 15);
+            let vigil = run(&conv, &x, shape, KernelChoice::Vigil);
+            let r = values(vigil.out.len(), 13);
+            let weight = tensor_to_vec(conv.weight.val());
+            // The loss written out in f64 from the values, so the difference quotient is exact
+            // up to f64 rounding.
+            let loss = |x: &[f32], weight: &[f32]| -> f64 {
+                let mut c = conv_of(&device, [2, 3], [3, 3], stride, padding.clone(), true);
+                c.weight = c.weight.map(|w| tensor_from_vec(weight.to_vec(), w.dims(), &device));
+                let out = c.forward(tensor_from_vec(x.to_vec(), shape, &device));
+                tensor_to_vec(out).iter().zip(&r).map(|(o, r)| f64::from(*o) * f64::from(*r)).sum()
+            };
+            let h = 1e-2f32;
+            let difference = |f: &dyn Fn(f32) -> f64| (f(h) - f(-h)) / (2.0 * f64::from(h));
+            for i in (0..x.len()).step_by(7) {
+                let d = difference(&|e| {
+                    let mut x = x.clone();
+                    x[i] += e;
+                    loss(&x, &weight)
+                });
+                assert!(
+                    (d - f64::from(vigil.x[i])).abs() < 2e-2,
+                    "input {i} stride {stride:?}: {d} vs {}",
+                    vigil.x[i]
+                );
+            }
+            for i in 0..weight.len() {
+                let d = difference(&|e| {
+                    let mut w = weight.clone();
+                    w[i] += e;
+                    loss(&x, &w)
+                });
+                assert!(
+                    (d - f64::from(vigil.weight[i])).abs() < 2e-2,
+                    "weight {i} stride {stride:?}: {d} vs {}",
+                    vigil.weight[i]
+                );
+            }
+            let db = vigil.bias.expect("bias gradient");
+            let out_pixels = vigil.out.len() / 2 / 3;
+            for (o, db) in db.iter().enumerate() {
+                let sum: f64 = (0..2)
+                    .flat_map(|n| &r[(n * 3 + o) * out_pixels..][..out_pixels])
+                    .map(|&v| f64::from(v))
+                    .sum();
+                assert!((sum - f64::from(*db)).abs() < 1e-3, "bias {o}: {sum} vs {db}");
+            }
+        }
+    }
+
+    /// The fused BatchNorm + (leaky) ReLU against burn's BatchNorm and activation: outputs,
+    /// gradients of input, gamma and beta, and the running statistics after two steps.
+    #[test]
+    fn batch_norm_act_matches_burn() {
+        let device = Device::flex().autodiff();
+        for (slope, shape) in [(0.0, [3, 4, 7, 5]), (0.2, [2, 3, 9, 11]), (0.0, [4, 2, 1, 1])] {
+            let channels = shape[1];
+            let run = |choice: KernelChoice| {
+                let mut bn = burn::nn::BatchNormConfig::new(channels).init(&device);
+                bn.gamma = bn
+                    .gamma
+                    .map(|_| tensor_from_vec(values(channels, 21), [channels], &device).require_grad());
+                bn.beta = bn
+                    .beta
+                    .map(|_| tensor_from_vec(values(channels, 22), [channels], &device).require_grad());
+                let mut results = Vec::new();
+                for step in 0..2u32 {
+                    let x = tensor_from_vec(values(shape.iter().product(), 23 + step), shape, &device)
+                        .require_grad();
+                    let out = with_kernels(choice, || batch_norm_act(&bn, x.clone(), slope));
+                    let r = tensor_from_vec(values(shape.iter().product(), 25 + step), shape, &device);
+                    let grads = (out.clone() * r).sum().backward();
+                    results.push(vec![
+                        tensor_to_vec(out),
+                        tensor_to_vec(x.grad(&grads).expect("input gradient")),
+                        tensor_to_vec(bn.gamma.val().grad(&grads).expect("gamma gradient")),
+                        tensor_to_vec(bn.beta.val().grad(&grads).expect("beta gradient")),
+                        tensor_to_vec(bn.running_mean.value()),
+                        tensor_to_vec(bn.running_var.value()),
+                    ]);
+                }
+                results
+            };
+            let (vigil, burn) = (run(KernelChoice::Vigil), run(KernelChoice::Burn));
+            let names = [
+                "output",
+                "input gradient",
+                "gamma gradient",
+                "beta gradient",
+                "running mean",
+                "running variance",
+            ];
+            for (step, (v, b)) in vigil.iter().zip(&burn).enumerate() {
+                for ((v, b), name) in v.iter().zip(b).zip(names) {
+                    assert_close(v, b, &format!("{name} step {step} slope {slope} {shape:?}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_thread_choice_is_scoped_and_the_default_is_vigil() {
+        let outer = kernel_choice();
+        with_kernels(KernelChoice::Burn, || {
+            assert_eq!(kernel_choice(), KernelChoice::Burn);
+            with_kernels(KernelChoice::Vigil, || assert_eq!(kernel_choice(), KernelChoice::Vigil));
+            assert_eq!(kernel_choice(), KernelChoice::Burn);
+        });
+        assert_eq!(kernel_choice(), outer);
+        if std::env::var(KERNELS_ENV).is_err() {
+            assert_eq!(outer, KernelChoice::Vigil);
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! BatchNorm in training mode fused with a (leaky) ReLU, NCHW f32, forward and backward.
+//!
+//! burn computes the batch statistics, the normalisation, the activation and their gradients
+//! as a dozen separate element-wise passes; here the forward is three passes over each channel
+//! (sum, squared deviations, normalise + activate) and the backward two (the two gradient sums,
+//! then the input gradient), with the activation's gradient recomputed from the input instead of
+//! stored. Channels go to the threads; each channel's sums run in a fixed order, so the results
+//! do not depend on the thread count.
+
+use rayon::prelude::*;
+
+use super::conv::lane_sum;
+use super::SharedOut;
+
+/// `[batch, channels, pixels]` of the normalised tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NormShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub pixels: usize,
+}
+
+impl NormShape {
+    fn len(&self) -> usize {
+        self.batch * self.channels * self.pixels
+    }
+
+    /// Values per channel: the count the statistics divide by.
+    fn per_channel(&self) -> usize {
+        self.batch * self.pixels
+    }
+
+    /// The planes of channel `c`, one per image.
+    fn planes<'a>(&self, values: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let (channels, pixels) = (self.channels, self.pixels);
+        (0..self.batch).map(move |n| &values[(n * channels + c) * pixels..][..pixels])
+    }
+}
+
+/// `x·scale + shift`, then the activation: identity for positive values, `slope·z` otherwise
+/// (0 for ReLU).
+#[inline(always)]
+fn activate(z: f32, slope: f32) -> f32 {
+    if z > 0.0 {
+        z
+    } else {
+        z * slope
+    }
+}
+
+/// What normalising one channel takes: its statistics and the (scale, shift) that apply them
+/// with `gamma` and `beta`.
+struct ChannelStats {
+    mean: f32,
+    inv_std: f32,
+    scale: f32,
+    shift: f32,
+}
+
+impl ChannelStats {
+    fn new(mean: f64, variance: f64, gamma: f32, beta: f32, epsilon: f64) -> ChannelStats {
+        let inv_std = 1.0 / (variance + epsilon).sqrt();
+        let scale = f64::from(gamma) * inv_std;
+        ChannelStats {
+            mean: mean as f32,
+            inv_std: inv_std as f32,
+            scale: scale as f32,
+            shift: (f64::from(beta) - mean * scale) as f32,
+        }
+    }
+}
+
+/// Mean and biased variance of channel `c` (two passes: the mean, then squared deviations).
+fn channel_moments(s: &NormShape, x: &[f32], c: usize) -> (f64, f64) {
+    let count = s.per_channel() as f64;
+    let mean = s.planes(x, c).map(|p| f64::from(lane_sum(p))).sum::<f64>() / count;
+    let centre = mean as f32;
+    let variance = s
+        .planes(x, c)
+        .map(|p| {
+            let mut lanes = [0.0f32; 8];
+            let chunks = p.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().map(|v| (v - centre) * (v - centre)).sum();
+            for chunk in chunks {
+                lanes.iter_mut().zip(chunk).for_each(|(l, v)| *l += (v - centre) * (v - centre));
+            }
+            f64::from(lanes.iter().sum::<f32>() + tail)
+        })
+        .sum::<f64>()
+        / count;
+    (mean, variance)
+}
+
+/// Output, batch mean and biased batch variance (per channel) of
+/// `activate(batch_norm(x, gamma, beta))`.
+pub(crate) fn forward(
+    s: &NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f64,
+    slope: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), s.len(), "batch norm input size");
+    let mut out = vec![0.0f32; s.len()];
+    let shared = SharedOut(out.as_mut_ptr());
+    let stats: Vec<(f32, f32)> = (0..s.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (mean, variance) = channel_moments(s, x, c);
+            let st = ChannelStats::new(mean, variance, gamma[c], beta[c], epsilon);
+            for (n, plane) in s.planes(x, c).enumerate() {
+                // SAFETY: channel c's task alone writes plane (n, c) of `out`, which outlives the
+                // parallel loop.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        shared.get().add((n * s.channels + c) * s.pixels),
+                        s.pixels,
+                    )
+                };
+                dst.iter_mut().zip(plane).for_each(|(o, v)| *o = activate(v * st.scale + st.shift, slope));
+            }
+            (mean as f32, variance as f32)
+        })
+        .collect();
+    let (mean, variance) = stats.into_iter().unzip();
+    (out, mean, variance)
+}
+
+/// The batch statistics [`forward`] returned, which its backward pass reuses.
+pub(crate) struct BatchMoments<'a> {
+    pub mean: &'a [f32],
+    pub variance: &'a [f32],
+}
+
+/// Gradients of input, gamma and beta of [`forward`], given the output gradient.
+pub(crate) fn backward(
+    s: &NormShape,
+    x: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    moments: BatchMoments,
+    epsilon: f64,
+    slope: f32,
+    grad: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(grad.len(), s.len(), "batch norm output gradient size");
+    let count = s.per_channel() as f32;
+    let mut dx = vec![0.0f32; s.len()];
+    let shared = SharedOut(dx.as_mut_ptr());
+    let sums: Vec<(f32, f32)> = (0..s.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (mean, variance) = (f64::from(moments.mean[c]), f64::from(moments.variance[c]));
+            let st = ChannelStats::new(mean, variance, gamma[c], beta[c], epsilon);
+            // the gradient before the activation, for value v and output gradient g
+            let pre = |v: f32, g: f32| if v * st.scale + st.shift > 0.0 { g } else { g * slope };
+            let (mut beta_grad, mut gamma_grad) = (0.0f64, 0.0f64);
+            for (plane, grads) in s.planes(x, c).zip(s.planes(grad, c)) {
+                let (mut sum, mut sum_normalised) = ([0.0f32; 8], [0.0f32; 8]);
+                for (i, (&v, &g)) in plane.iter().zip(grads).enumerate() {
+                    let gz = pre(v, g);
+                    sum[i % 8] += gz;
+                    sum_normalised[i % 8] += gz * (v - st.mean) * st.inv_std;
+                }
+                beta_grad += f64::from(sum.iter().sum::<f32>());
+                gamma_grad += f64::from(sum_normalised.iter().sum::<f32>());
+            }
+            let (beta_grad, gamma_grad) = (beta_grad as f32, gamma_grad as f32);
+            let (mean_grad, mean_normalised_grad) = (beta_grad / count, gamma_grad / count);
+            let factor = gamma[c] * st.inv_std;
+            for (n, (plane, grads)) in s.planes(x, c).zip(s.planes(grad, c)).enumerate() {
+                // SAFETY: channel c's task alone writes plane (n, c) of `dx`, which outlives the
+                // parallel loop.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        shared.get().add((n * s.channels + c) * s.pixels),
+                        s.pixels,
+                    )
+                };
+                for ((d, &v), &g) in dst.iter_mut().zip(plane).zip(grads) {
+                    let normalised = (v - st.mean) * st.inv_std;
+                    *d = factor * (pre(v, g) - mean_grad - normalised * mean_normalised_grad);
+                }
+            }
+            (gamma_grad, beta_grad)
+        })
+        .collect();
+    let (gamma_grad, beta_grad) = sums.into_iter().unzip();
+    (dx, gamma_grad, beta_grad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// The loss sum(out · r) in f64, straight from the definitions.
+    fn loss(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], slope: f64, r: &[f32]) -> f64 {
+        let mut total = 0.0;
+        for c in 0..s.channels {
+            let plane = |n: usize| (n * s.channels + c) * s.pixels;
+            let all: Vec<f64> =
+                (0..s.batch).flat_map(|n| x[plane(n)..][..s.pixels].iter().map(|&v| f64::from(v))).collect();
+            let mean = all.iter().sum::<f64>() / all.len() as f64;
+            let var = all.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / all.len() as f64;
+            for n in 0..s.batch {
+                for p in 0..s.pixels {
+                    let z = (f64::from(x[plane(n) + p]) - mean) / (var + 1e-5).sqrt() * f64::from(gamma[c])
+                        + f64::from(beta[c]);
+                    let a = if z > 0.0 { z } else { z * slope };
+                    total += a * f64::from(r[plane(n) + p]);
+                }
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for slope in [0.0f32, 0.2] {
+            let s = NormShape { batch: 3, channels: 2, pixels: 13 };
+            let x = values(s.len(), 1);
+            let (gamma, beta) = (vec![0.7, -1.3], vec![0.1, 0.4]);
+            let r = values(s.len(), 2);
+            let (_, mean, variance) = forward(&s, &x, &gamma, &beta, 1e-5, slope);
+            let moments = BatchMoments { mean: &mean, variance: &variance };
+            let (dx, dgamma, dbeta) = backward(&s, &x, (&gamma, &beta), moments, 1e-5, slope, &r);
+            let h = 1e-3f32;
+            let quotient = |plus: f64, minus: f64| (plus - minus) / (2.0 * f64::from(h));
+            let loss =
+                |x: &[f32], gamma: &[f32], beta: &[f32]| loss(&s, x, gamma, beta, f64::from(slope), &r);
+            for i in 0..x.len() {
+                let (mut up, mut down) = (x.clone(), x.clone());
+                up[i] += h;
+                down[i] -= h;
+                let d = quotient(loss(&up, &gamma, &beta), loss(&down, &gamma, &beta));
+                assert!((d - f64::from(dx[i])).abs() < 2e-3, "slope {slope} dx[{i}]: {d} vs {}", dx[i]);
+            }
+            for c in 0..2 {
+                let (mut up, mut down) = (gamma.clone(), gamma.clone());
+                up[c] += h;
+                down[c] -= h;
+                let d = quotient(loss(&x, &up, &beta), loss(&x, &down, &beta));
+                assert!((d - f64::from(dgamma[c])).abs() < 2e-3, "dgamma[{c}]: {d} vs {}", dgamma[c]);
+                let (mut up, mut down) = (beta.clone(), beta.clone());
+                up[c] += h;
+                down[c] -= h;
+                let d = quotient(loss(&x, &gamma, &up), loss(&x, &gamma, &down));
+                assert!((d - f64::from(dbeta[c])).abs() < 2e-3, "dbeta[{c}]: {d} vs {}", dbeta[c]);
+            }
+        }
+    }
+
+    #[test]
+    fn forward_normalises_and_activates() {
+        let s = NormShape { batch: 2, channels: 3, pixels: 21 };
+        let x = values(s.len(), 3);
+        let (gamma, beta) = (vec![1.0, 2.0, 0.5], vec![0.0, -0.5, 0.3]);
+        let (out, mean, variance) = forward(&s, &x, &gamma, &beta, 1e-5, 0.2);
+        for c in 0..3 {
+            let all: Vec<f64> = s.planes(&x, c).flatten().map(|&v| f64::from(v)).collect();
+            let m = all.iter().sum::<f64>() / all.len() as f64;
+            let v = all.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / all.len() as f64;
+            assert!((f64::from(mean[c]) - m).abs() < 1e-6 && (f64::from(variance[c]) - v).abs() < 1e-6);
+            for (o, a) in s.planes(&out, c).flatten().zip(&all) {
+                let z = (a - m) / (v + 1e-5).sqrt() * f64::from(gamma[c]) + f64::from(beta[c]);
+                let expected = if z > 0.0 { z } else { 0.2 * z };
+                assert!((f64::from(*o) - expected).abs() < 1e-5);
+            }
+        }
+    }
+}
