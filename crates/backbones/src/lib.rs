@@ -180,6 +180,12 @@ pub fn write_state(state: &TensorBag, path: &Path) -> Result<()> {
     params::write_safetensors(state, path)
 }
 
+/// Reads a state dict with its PyTorch names: `.safetensors`, or a PyTorch checkpoint
+/// (`.pth`/`.pt`/`.bin`/`.ckpt`). Used by networks outside this crate (the diffusion U-Net).
+pub fn read_state(path: &Path) -> Result<TensorBag> {
+    params::read_checkpoint(path)
+}
+
 /// How many images go through the network at once in [`Backbone::extract`]: enough to keep
 /// the convolutions busy, few enough that WRN-50 activations at 256 px stay well under 1 GB.
 const EXTRACT_BATCH: usize = 8;
