@@ -6,33 +6,20 @@
 //! cargo run --release -p vigil-bench --example memory_bank_quality -- [--method patchcore|padim]
 //!     [--settings JSON]      e.g. --settings '{"map_upsampling":"nearest"}'
 
-use vigil_bench::{arg, piped_root};
-use vigil_core::VigilError;
+use vigil_bench::{arg, method_spec, piped_classes, required};
 use vigil_data::dataset::Dataset;
 use vigil_engine::run::{test_items, ImageFilter};
-use vigil_engine::{evaluate, fit, EvalOptions, FitOptions, MethodSpec, PipelineOptions};
+use vigil_engine::{evaluate, fit, EvalOptions, FitOptions, PipelineOptions};
 use vigil_metrics::ThresholdRule;
 
 fn main() -> anyhow::Result<()> {
     let method = arg("--method").unwrap_or_else(|| "patchcore".into());
-    let settings: serde_json::Value = match arg("--settings") {
-        Some(s) => serde_json::from_str(&s).map_err(|e| VigilError::Config(format!("--settings: {e}")))?,
-        None => serde_json::json!({}),
-    };
+    let settings = arg("--settings").unwrap_or_else(|| "{}".into());
     if !matches!(method.as_str(), "patchcore" | "padim") {
         anyhow::bail!("unknown --method {method} (patchcore or padim)");
     }
-    // The settings given override the method's defaults, key by key.
-    let params: Vec<String> =
-        settings.as_object().map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
-    let spec = MethodSpec::parse(&method, &params)?;
-    let root = piped_root();
-    let mut classes: Vec<_> = std::fs::read_dir(&root)
-        .map_err(|e| VigilError::io(&root, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("train/good").is_dir())
-        .collect();
-    classes.sort();
+    let spec = method_spec(&method, &settings)?;
+    let classes = piped_classes(&[])?;
     println!("method {method} settings {settings} threads {}", rayon::current_num_threads());
     println!();
     println!("| class | image AUROC | pixel AUROC | AUPRO@0.3 |");
@@ -53,11 +40,10 @@ fn main() -> anyhow::Result<()> {
             EvalOptions { resize_masks: true, ..Default::default() },
         )?;
         let m = &eval.metrics;
-        let missing = || VigilError::invalid(format!("{}: a metric is undefined", dataset.name));
         let row = [
-            m.image_auroc.ok_or_else(missing)?,
-            m.pixel_auroc.ok_or_else(missing)?,
-            m.aupro.ok_or_else(missing)?,
+            required(m.image_auroc, "image AUROC", &dataset.name)?,
+            required(m.pixel_auroc, "pixel AUROC", &dataset.name)?,
+            required(m.aupro, "AUPRO", &dataset.name)?,
         ];
         sums.iter_mut().zip(&row).for_each(|(s, v)| *s += v);
         println!("| {} | {:.4} | {:.4} | {:.4} |", dataset.name, row[0], row[1], row[2]);

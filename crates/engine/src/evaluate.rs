@@ -39,6 +39,8 @@ pub struct Metrics {
     pub image_precision: Option<f64>,
     pub image_recall: Option<f64>,
     pub image_f1: Option<f64>,
+    /// Share of the normal test images flagged at the threshold.
+    pub image_false_positive_rate: Option<f64>,
     pub pixel_auroc: Option<f64>,
     pub pixel_ap: Option<f64>,
     pub aupro: Option<f64>,
@@ -164,6 +166,7 @@ pub fn compute_metrics(
     m.image_precision = Some(c.precision());
     m.image_recall = Some(c.recall());
     m.image_f1 = Some(c.f1());
+    m.image_false_positive_rate = Some(c.false_positive_rate());
 
     // Pixel level: only when every image has a ground truth (normal ones are all-zero).
     let mut pro_curve = None;
@@ -297,6 +300,7 @@ pub fn metric_rows(m: &Metrics) -> Vec<(String, String)> {
         ("image precision @ threshold".into(), f(m.image_precision)),
         ("image recall @ threshold".into(), f(m.image_recall)),
         ("image F1 @ threshold".into(), f(m.image_f1)),
+        ("image false-positive rate @ threshold".into(), f(m.image_false_positive_rate)),
         ("pixel AUROC".into(), f(m.pixel_auroc)),
         ("pixel AP".into(), f(m.pixel_ap)),
         (format!("AUPRO@{}", m.aupro_limit), f(m.aupro)),
