@@ -94,6 +94,16 @@ impl Method for vigil_draem::DraemDetector {
     }
 }
 
+impl Method for vigil_ddad::DdadDetector {
+    type Settings = vigil_ddad::DdadSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
 pub struct MethodEntry {
     pub name: &'static str,
     pub summary: &'static str,
@@ -177,6 +187,14 @@ pub fn registry() -> Vec<MethodEntry> {
             "DRAEM with a Nested U-Net (UNet++) reconstructive sub-network (seed 000). Default: the CPU preset; \
              `preset=paper` is the seed's configuration (512 px, lambda 2 on SSIM, opacity [0.2, 1]).",
             DraemSettings::cpu(Variant::Unetpp),
+        ),
+        entry::<vigil_ddad::DdadDetector>(
+            "ddad",
+            "DDAD: a diffusion U-Net of the normal images; each test image is noised to t=250 and denoised in 10 \
+             DDIM steps pulled toward itself (weight w); map = feature distance + rescaled pixel distance, \
+             smoothed, score = max. Default: the CPU preset (64 px U-Net, 600 steps, MobileNetV2 features); no \
+             domain adaptation yet.",
+            Default::default(),
         ),
     ]
 }

@@ -35,6 +35,7 @@ fn small_settings(name: &str) -> Option<&'static str> {
         "padim" => "random_weights_seed=1,input_size=64",
         "fastflow" => "random_weights_seed=1,input_size=32,epochs=1,flow_steps=2,batch_size=4",
         "draem" | "draem-unetpp" => "steps=2,image_size=32,batch=2",
+        "ddad" => "random_weights_seed=1,steps=2,batch=2,t_start=50,skip=25",
         "uflow" => {
             vigil_core::shared_data::shared_path("weights/mobilenet_v2")?;
             "epochs=1,input_size=64,batch_size=4"
