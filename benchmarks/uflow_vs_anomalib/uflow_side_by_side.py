@@ -7,8 +7,14 @@ Sub-commands (run with the peer virtualenv, see run.sh):
       MobileNetV2 features.6 + features.13 from the local ImageNet weights behind the trainable
       per-image LayerNorm([C, H, W]) of anomalib's CNN extractor, and writes the test maps and scores
       in the layout `uflow_maps` (the vigil example) writes.
-  metrics --maps DIR --class DIR
-      Image AUROC, pixel AUROC and the exact MVTec AUPRO@0.3 of one maps folder, as one JSON line.
+  metrics --maps DIR --class DIR [--blur SIGMA]
+      Image AUROC, pixel AUROC and the exact MVTec AUPRO@0.3 of one maps folder, as one JSON line
+      (with --blur, of the maps after a Gaussian blur, as PatchCore post-processes its maps).
+  trace --trace DIR --class DIR --out DIR
+      Repeats one vigil fit step for step in anomalib's U-Flow (the `uflow_trace` example's output:
+      vigil's raw features, initial state and batch order): checks the features against
+      torchvision's, the initial latents and log-determinant, the loss of every epoch, and writes
+      the maps of the PyTorch-trained model and of vigil's final state run in PyTorch.
 
 anomalib's U-Flow offers only timm ResNets and MS-CaiT as extractors; the MobileNetV2 extractor here
 is anomalib's `LayerNormFeatureExtractor` with torchvision's MobileNetV2 in place of timm's ResNet
@@ -136,6 +142,141 @@ def cmd_anomalib(args) -> None:
     print(json.dumps({"class": root.name, "fit_s": fit_s}), flush=True)
 
 
+def vigil_state_into_anomalib(model, bag: dict) -> None:
+    """Loads a vigil U-Flow state (LayerNorms and flow, as `UflowModel::save` names them) into
+    anomalib's UflowModel built by `build_uflow`, so both compute the same function."""
+    extractor, flow = model.feature_extractor, model.flow
+    with torch.no_grad():
+        for l, norm in enumerate(extractor.feature_normalizations):
+            norm.weight.copy_(bag[f"features.scale{l}.layer_norm.weight"])
+            norm.bias.copy_(bag[f"features.scale{l}.layer_norm.bias"])
+        # anomalib names each stage's steps flow{width}_step{s}; vigil's stages are finest first.
+        sides = [int(model.input_size[0] / s) for s in extractor.scale_factors]
+        nodes = {n.name: n.module for n in flow.node_list if n.module is not None}
+        for l, side in enumerate(sides):
+            s = 0
+            while f"flow.stage{l}.step{s}.permutation" in bag:
+                block, prefix = nodes[f"flow{side}_step{s}"], f"flow.stage{l}.step{s}"
+                block.subnet[0].weight.copy_(bag[f"{prefix}.subnet_in.weight"])
+                block.subnet[0].bias.copy_(bag[f"{prefix}.subnet_in.bias"])
+                block.subnet[2].weight.copy_(bag[f"{prefix}.subnet_out.weight"])
+                block.subnet[2].bias.copy_(bag[f"{prefix}.subnet_out.bias"])
+                block.global_scale.copy_(bag[f"{prefix}.global_scale"].reshape(block.global_scale.shape))
+                block.global_offset.copy_(bag[f"{prefix}.global_offset"].reshape(block.global_offset.shape))
+                perm = bag[f"{prefix}.permutation"].long()
+                c = len(perm)
+                w = torch.zeros(c, c)
+                w[torch.arange(c), perm] = 1.0  # output channel i takes input channel perm[i], as vigil
+                block.w_perm.copy_(w.view(c, c, 1, 1))
+                block.w_perm_inv.copy_(w.t().contiguous().view(c, c, 1, 1))
+                s += 1
+
+
+def load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def cmd_trace(args) -> None:
+    """Repeats a vigil fit (`uflow_trace` output) in anomalib's U-Flow: same raw features, same
+    initial state, same batches, same optimiser and schedule. Prints the checks as JSON lines and
+    writes the maps of the PyTorch-trained model (and of vigil's final state run in PyTorch)."""
+    torch.set_num_threads(args.threads)
+    trace_dir = Path(args.trace)
+    trace = json.loads((trace_dir / "trace.json").read_text())
+    st = trace["settings"]
+    feats = load_safetensors(trace_dir / "features.safetensors")
+    levels = len(trace["shapes"])
+    train = [feats[f"train.scale{l}"] for l in range(levels)]
+    test = [feats[f"test.scale{l}"] for l in range(levels)]
+    model = build_uflow(st["input_size"]).model
+
+    def encode(xs):
+        return model.encode([norm(x) for norm, x in zip(model.feature_extractor.feature_normalizations, xs)])
+
+    # 1. Features: torchvision's MobileNetV2 on the same images against vigil's.
+    root = Path(args.class_dir)
+    tf = build_uflow(st["input_size"]).pre_processor.transform
+    imgs = peer.load_images([root / p for p in trace["train"][:8]], tf)
+    with torch.no_grad():
+        x, torch_feats = imgs, []
+        for i, layer in enumerate(model.feature_extractor.backbone):
+            x = layer(x)
+            if i in TAPS:
+                torch_feats.append(x)
+    for l, tfeat in enumerate(torch_feats):
+        ref = train[l][:8]
+        print(json.dumps({"check": f"features scale {l}", "max_abs_diff": float((tfeat - ref).abs().max()),
+                          "max_abs": float(ref.abs().max())}), flush=True)
+
+    # 2. Forward at the initial state on the first batch.
+    vigil_state_into_anomalib(model, load_safetensors(trace_dir / "init.safetensors"))
+    first = load_safetensors(trace_dir / "first_batch.safetensors")
+    batch = trace["orders"][0][: st["batch_size"]]
+    model.train()
+    with torch.no_grad():
+        z, ljd = encode([t[batch] for t in train])
+    for l, zl in enumerate(z):
+        ref = first[f"z.scale{l}"]
+        print(json.dumps({"check": f"initial z scale {l}", "max_abs_diff": float((zl - ref).abs().max()),
+                          "max_abs": float(ref.abs().max())}), flush=True)
+    print(json.dumps({"check": "initial log-det", "max_abs_diff": float((ljd - first["log_det"]).abs().max()),
+                      "max_abs": float(first["log_det"].abs().max())}), flush=True)
+
+    # 3. Train from the same start on the same batches with vigil's optimiser settings.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=st["learning_rate"], weight_decay=st["weight_decay"])
+    batches = trace["batches_per_epoch"]
+    total = st["epochs"] * batches
+    dims = sum(c * s * s for c, s in trace["shapes"])
+    n = train[0].shape[0]
+    losses, step = [], 0
+    for order in trace["orders"]:
+        epoch_total = 0.0
+        for b in range(batches):
+            members = order[b * st["batch_size"]:(b + 1) * st["batch_size"]]
+            z, ljd = encode([t[members] for t in train])
+            per_sample = torch.stack([0.5 * torch.sum(zi ** 2, dim=(1, 2, 3)) for zi in z]).sum(0)
+            if st["loss"] == "anomalib":
+                loss = per_sample.sum() - ljd.mean()  # anomalib's UFlowLoss
+            else:
+                loss = torch.mean(per_sample - ljd)  # mtailanian/uflow train.py
+            for g in optimizer.param_groups:
+                g["lr"] = st["learning_rate"] * (1.0 + (st["lr_end_factor"] - 1.0) * step / total)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_total += float(loss) * len(members)
+            step += 1
+        losses.append(epoch_total / (n * dims))
+    vigil_losses = trace["epoch_losses"]
+    for e in sorted({0, 1, 4, 9, 19, 39, len(losses) - 1}):
+        if e < len(losses):
+            print(json.dumps({"check": f"epoch {e} loss per dim", "vigil": vigil_losses[e], "pytorch": losses[e]}),
+                  flush=True)
+
+    # 4. Maps of the PyTorch-trained model and of vigil's final state run in PyTorch.
+    def write_maps(out: Path) -> None:
+        model.eval()
+        out.mkdir(parents=True, exist_ok=True)
+        maps, index = [], []
+        with torch.no_grad():
+            for i in range(0, test[0].shape[0], 16):
+                z, _ = encode([t[i:i + 16] for t in test])
+                amaps = model.anomaly_map_generator(z)
+                for amap in amaps:
+                    path = trace["test"][len(index)]
+                    maps.append(amap[0].numpy().astype("<f4"))
+                    index.append({"path": path, "score": float(amap.max()),
+                                  "width": amap.shape[-1], "height": amap.shape[-2]})
+        np.concatenate([m.ravel() for m in maps]).tofile(out / "maps.f32")
+        (out / "index.json").write_text(json.dumps({"images": index}))
+
+    write_maps(Path(args.out) / "pytorch-trained")
+    vigil_state_into_anomalib(model, load_safetensors(trace_dir / "final.safetensors"))
+    write_maps(Path(args.out) / "vigil-final-in-pytorch")
+
+
 def load_maps(maps_dir: Path):
     meta = json.loads((maps_dir / "index.json").read_text())
     flat = np.fromfile(maps_dir / "maps.f32", dtype="<f4")
@@ -159,6 +300,11 @@ def cmd_metrics(args) -> None:
         if key not in maps:
             raise SystemExit(f"{args.maps}: no map for {key}")
         score, m = maps[key]
+        if args.blur > 0:
+            # A Gaussian blur of the map as PatchCore's post-processing (a diagnostic, not U-Flow's).
+            from scipy.ndimage import gaussian_filter
+            m = gaussian_filter(m.astype(np.float64), sigma=args.blur, mode="reflect", truncate=4.0)
+            score = float(m.max())
         scores.append(score)
         pixel_maps.append(m)
     print(json.dumps({
@@ -172,10 +318,13 @@ def cmd_metrics(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["anomalib", "metrics"])
+    ap.add_argument("cmd", choices=["anomalib", "metrics", "trace"])
     ap.add_argument("--class", dest="class_dir", required=True)
     ap.add_argument("--out")
     ap.add_argument("--maps")
+    ap.add_argument("--trace", help="trace: the uflow_trace output folder")
+    ap.add_argument("--blur", type=float, default=0.0,
+                    help="metrics: Gaussian blur of each map (sigma in pixels) before scoring; 0 = none")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8)
@@ -184,7 +333,7 @@ def main() -> None:
     ap.add_argument("--loss", choices=["anomalib", "official"], default="anomalib",
                     help="anomalib's UFlowLoss (default) or the official code's per-sample loss")
     args = ap.parse_args()
-    {"anomalib": cmd_anomalib, "metrics": cmd_metrics}[args.cmd](args)
+    {"anomalib": cmd_anomalib, "metrics": cmd_metrics, "trace": cmd_trace}[args.cmd](args)
 
 
 if __name__ == "__main__":

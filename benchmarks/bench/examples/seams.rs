@@ -18,7 +18,11 @@
 //! image to their input size, so their untiled map is coarser).
 //!
 //! cargo run --release -p vigil-bench --example seams -- [--methods acontrario,patchcore,...]
-//!     [--overlap 32] [--picture benchmarks/seams/acontrario_pca_before_after.png]
+//!     [--overlap 32] [--picture benchmarks/seams/acontrario_pca_before_after.png] [--diagnose]
+//!
+//! `--diagnose` adds, per method and map, where the seam comes from: the jump of the tiles' own
+//! maps by distance from the tile edge, how much neighbouring tiles disagree where they overlap,
+//! and the "after" ratios on four shifted crops of the image (the resolution of the measure).
 
 use std::path::{Path, PathBuf};
 
@@ -138,6 +142,95 @@ fn stitch_blend(outs: &[ScoreOutput], grid: &TileGrid, nfa: bool) -> Result<Map>
     Ok(m)
 }
 
+/// Mean absolute jump of the tiles' own maps (before any stitching) across the lines at each
+/// distance from the nearest tile edge, in bands of 8 pixels from the edge to the centre, each
+/// divided by the innermost band: a value above 1 near the edge means the method's tile maps
+/// vary more near their own borders, which no stitching can remove.
+fn edge_profile(outs: &[ScoreOutput], nfa: bool) -> Result<Vec<f64>> {
+    let bands = TILE / 2 / 8;
+    let (mut sum, mut count) = (vec![0.0; bands], vec![0usize; bands]);
+    for out in outs {
+        let m = if nfa {
+            out.log10_nfa.as_ref().ok_or_else(|| VigilError::invalid("no log10 NFA"))?
+        } else {
+            &out.map
+        };
+        for y in 0..m.height {
+            for x in 1..m.width {
+                // The line between x − 1 and x lies min(x, width − x) pixels from the nearest edge.
+                let band = (x.min(m.width - x) / 8).min(bands - 1);
+                sum[band] += (m.get(y, x) - m.get(y, x - 1)).abs() as f64;
+                count[band] += 1;
+            }
+        }
+        for y in 1..m.height {
+            let band = (y.min(m.height - y) / 8).min(bands - 1);
+            for x in 0..m.width {
+                sum[band] += (m.get(y, x) - m.get(y - 1, x)).abs() as f64;
+                count[band] += 1;
+            }
+        }
+    }
+    let mean: Vec<f64> = sum.iter().zip(&count).map(|(s, &n)| s / n.max(1) as f64).collect();
+    let inner = mean[bands - 1];
+    Ok(mean.iter().map(|m| m / inner).collect())
+}
+
+/// Mean |A − B| over the pixels two neighbouring tiles share, divided by the standard deviation
+/// of the stitched map: how much the tiles disagree where they overlap, against the map's spread.
+fn overlap_disagreement(outs: &[ScoreOutput], grid: &TileGrid, stitched: &Map, nfa: bool) -> Result<f64> {
+    let pick = |o: &ScoreOutput| -> Result<Map> {
+        if nfa {
+            o.log10_nfa.clone().ok_or_else(|| VigilError::invalid("no log10 NFA"))
+        } else {
+            Ok(o.map.clone())
+        }
+    };
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    let tiles = grid.tiles();
+    for i in 0..tiles.len() {
+        for j in i + 1..tiles.len() {
+            let (a, b) = (tiles[i], tiles[j]);
+            let (x0, x1) = (a.x.max(b.x), (a.x + a.w).min(b.x + b.w));
+            let (y0, y1) = (a.y.max(b.y), (a.y + a.h).min(b.y + b.h));
+            if x0 >= x1 || y0 >= y1 {
+                continue;
+            }
+            let (ma, mb) = (pick(&outs[i])?, pick(&outs[j])?);
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    sum += (ma.get(y - a.y, x - a.x) - mb.get(y - b.y, x - b.x)).abs() as f64;
+                    n += 1;
+                }
+            }
+        }
+    }
+    let mean = stitched.data.iter().map(|&v| v as f64).sum::<f64>() / stitched.data.len() as f64;
+    let var =
+        stitched.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / stitched.data.len() as f64;
+    Ok(sum / n.max(1) as f64 / var.sqrt())
+}
+
+/// The "after" seam ratios of the image cropped by (δ, δ) for several δ (the crop keeps
+/// width − 96 and height − 96 pixels), so the tile borders fall on other content each time:
+/// the spread of these values is the resolution of the measure on this map.
+fn shifted_after(det: &dyn Detector, image: &Image, overlap: usize, nfa: bool) -> Result<Vec<(f64, f64)>> {
+    let mut out = Vec::new();
+    for delta in [0, 24, 48, 72] {
+        let crop = image.crop(delta, delta, image.width - 96, image.height - 96);
+        let grid = TileGrid::new(crop.width, crop.height, TILE, overlap)?;
+        let scored = score_detector_tiled(&crop, None, TILE, overlap, det)?;
+        let m = if nfa {
+            scored.log10_nfa.ok_or_else(|| VigilError::invalid("no log10 NFA"))?
+        } else {
+            scored.map
+        };
+        let s = seam_measure(&m, &grid)?;
+        out.push((s.border_ratio(), s.band_ratio()));
+    }
+    Ok(out)
+}
+
 fn ratios(m: &SeamMeasure) -> String {
     // without an overlap there is no blending band
     let band = if m.band.is_nan() { "–".to_string() } else { format!("{:.2}", m.band_ratio()) };
@@ -161,6 +254,8 @@ fn main() -> Result<()> {
     let methods = arg("--methods")
         .unwrap_or_else(|| "acontrario,acontrario-gabor,acontrario-cnn,patchcore,padim,uflow,draem".into());
     let picture_path = arg("--picture").map(PathBuf::from);
+    let diagnose = std::env::args().any(|a| a == "--diagnose");
+    let mut diagnostics = Vec::new();
     let (image, train) = data()?;
     let overlap = match arg("--overlap") {
         Some(v) => v.parse().map_err(|e| VigilError::Config(format!("--overlap {v}: {e}")))?,
@@ -218,6 +313,17 @@ fn main() -> Result<()> {
                 ratios(&seam_measure(&now, &grid)?),
                 ratios(&seam_measure(&whole, &grid)?),
             );
+            if diagnose {
+                let profile = edge_profile(&overlapping, nfa)?;
+                let shifted = shifted_after(det.as_ref(), &channels_image, overlap, nfa)?;
+                diagnostics.push(format!(
+                    "| {name} | {} | {} | {:.2} | {} |",
+                    if nfa { "log10 NFA" } else { "anomaly map" },
+                    profile.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" "),
+                    overlap_disagreement(&overlapping, &grid, &now, nfa)?,
+                    shifted.iter().map(|(b, n)| format!("{b:.2}/{n:.2}")).collect::<Vec<_>>().join(" "),
+                ));
+            }
             if !nfa && name == "acontrario" {
                 if let Some(path) = &picture_path {
                     picture(&before0, &now, path)?;
@@ -225,6 +331,21 @@ fn main() -> Result<()> {
             }
         }
         eprintln!("{name}: {:.0} s", start.elapsed().as_secs_f64());
+    }
+    if diagnose {
+        println!();
+        println!(
+            "Diagnostics (--diagnose): the tiles' own maps' mean jump by distance from the tile edge (bands of 8 px, \
+             edge first, divided by the innermost band); mean |A − B| where neighbouring tiles overlap, divided by \
+             the stitched map's standard deviation; the after border/band ratios with the image cropped by \
+             δ = 0, 24, 48, 72 px."
+        );
+        println!();
+        println!("| method | map | jump by distance from tile edge | overlap disagreement / sd | after, shifted crops |");
+        println!("|---|---|---|---:|---|");
+        for line in diagnostics {
+            println!("{line}");
+        }
     }
     Ok(())
 }

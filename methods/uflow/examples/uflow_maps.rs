@@ -2,7 +2,7 @@
 //! image score of every test image, for metrics computed outside (the side-by-side with anomalib in
 //! `benchmarks/uflow_vs_anomalib`, which reads the same layout from both tools).
 //!
-//! cargo run --release -p vigil-uflow --example uflow_maps -- <class dir> <out dir> ['<settings JSON>']
+//! cargo run --release -p vigil-uflow --example uflow_maps -- <class dir> <out dir> ['<settings JSON>'] [seed]
 //!
 //! Writes `<out dir>/maps.f32` (the maps one after another, row-major, little-endian f32, at each
 //! image's size) and `<out dir>/index.json` (per image: path relative to the class folder, score,
@@ -28,11 +28,11 @@ fn load(path: &Path) -> Result<Image> {
     Ok(vigil_data::load_image(path)?.to_rgb())
 }
 
-fn run(class: &Path, out: &Path, settings: UflowSettings) -> Result<()> {
+fn run(class: &Path, out: &Path, settings: UflowSettings, seed: u64) -> Result<()> {
     let train = images_in(&class.join("train/good"))?.iter().map(|p| load(p)).collect::<Result<Vec<_>>>()?;
     let mut detector = UflowDetector::new(settings);
     let start = Instant::now();
-    let ctx = FitContext { seed: 0, checkpoint_dir: None, show_progress: false };
+    let ctx = FitContext { seed, checkpoint_dir: None, show_progress: false };
     detector.fit(&InMemorySource::new(train), &ctx)?;
     let fit_s = start.elapsed().as_secs_f64();
 
@@ -56,7 +56,7 @@ fn run(class: &Path, out: &Path, settings: UflowSettings) -> Result<()> {
     std::fs::write(&maps_path, maps).map_err(|e| VigilError::file(&maps_path, e.to_string()))?;
     let meta = serde_json::json!({
         "images": index, "fit_s": fit_s, "epoch_losses": detector.loss_history,
-        "settings": detector.settings(),
+        "settings": detector.settings(), "seed": seed,
     });
     let index_path = out.join("index.json");
     std::fs::write(&index_path, meta.to_string())
@@ -68,15 +68,22 @@ fn run(class: &Path, out: &Path, settings: UflowSettings) -> Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: uflow_maps <class dir> <out dir> ['<settings JSON>']");
+        eprintln!("usage: uflow_maps <class dir> <out dir> ['<settings JSON>'] [seed]");
         return ExitCode::FAILURE;
     }
     let settings = match args.get(3) {
         None => Ok(UflowSettings::default()),
         Some(json) => serde_json::from_str::<UflowSettings>(json).map_err(|e| format!("settings: {e}")),
     };
-    let result =
-        settings.and_then(|s| run(Path::new(&args[1]), Path::new(&args[2]), s).map_err(|e| e.to_string()));
+    let seed = match args.get(4).map(|s| s.parse::<u64>()) {
+        None => Ok(0),
+        Some(Ok(seed)) => Ok(seed),
+        Some(Err(e)) => Err(format!("seed {:?}: {e}", args[4])),
+    };
+    let result = settings.and_then(|s| {
+        let seed = seed?;
+        run(Path::new(&args[1]), Path::new(&args[2]), s, seed).map_err(|e| e.to_string())
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

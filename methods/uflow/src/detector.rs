@@ -645,6 +645,17 @@ fn train_flow_on(
     ))
 }
 
+/// The order in which epoch `epoch` of a fit with `seed` visits `images` training images (batches
+/// are consecutive runs of it): a pure function of its arguments, so a resumed run draws the same
+/// batches and a peer implementation can be fed the same ones (`examples/uflow_trace.rs`).
+pub fn epoch_order(seed: u64, epoch: usize, images: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch as u64);
+    let mut order: Vec<usize> = (0..images).collect();
+    order.shuffle(&mut rng);
+    order
+}
+
 /// One U-Flow optimiser step at a time, for the resumable training loop. The data order of
 /// each epoch is a pure function of (seed, epoch), so a resumed run draws the same batches.
 struct FlowTask<'a> {
@@ -667,11 +678,7 @@ impl TrainTask for FlowTask<'_> {
     fn step(&mut self, step: usize) -> Result<f32> {
         let epoch = step / self.batches_per_epoch;
         if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(epoch as u64);
-            let mut order: Vec<usize> = (0..self.images.len()).collect();
-            order.shuffle(&mut rng);
-            self.order = Some((epoch, order));
+            self.order = Some((epoch, epoch_order(self.seed, epoch, self.images.len())));
         }
         let (_, order) = self.order.as_ref().expect("order set above");
         let size = self.settings.batch_size;
