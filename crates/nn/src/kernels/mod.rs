@@ -324,7 +324,9 @@ mod tests {
     #[test]
     fn batch_norm_act_matches_burn() {
         let device = Device::flex().autodiff();
-        for (slope, shape) in [(0.0, [3, 4, 7, 5]), (0.2, [2, 3, 9, 11]), (0.0, [4, 2, 1, 1])] {
+        for (slope, shape) in
+            [(0.0, [3, 4, 7, 5]), (0.2, [2, 3, 9, 11]), (0.0, [4, 2, 1, 1]), (0.0, [2, 4, 32, 32])]
+        {
             let channels = shape[1];
             let run = |choice: KernelChoice| {
                 let mut bn = burn::nn::BatchNormConfig::new(channels).init(&device);
@@ -366,6 +368,38 @@ mod tests {
                     assert_close(v, b, &format!("{name} step {step} slope {slope} {shape:?}"));
                 }
             }
+        }
+    }
+
+    /// conv → BatchNorm + ReLU → conv, the layers chained as networks chain them: the same
+    /// output and gradients with vigil's kernels as with burn's operations.
+    #[test]
+    fn chained_layers_match_burn() {
+        let device = Device::flex().autodiff();
+        let first = conv_of(&device, [3, 4], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true);
+        let second = conv_of(&device, [4, 2], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true);
+        let bn = burn::nn::BatchNormConfig::new(4).init(&device);
+        let shape = [2, 3, 16, 16];
+        let run = |choice: KernelChoice| {
+            let x = tensor_from_vec(values(shape.iter().product(), 31), shape, &device).require_grad();
+            let out =
+                with_kernels(choice, || conv2d(&second, batch_norm_act(&bn, conv2d(&first, x.clone()), 0.0)));
+            let dims = out.dims();
+            let r = tensor_from_vec(values(dims.iter().product(), 32), dims, &device);
+            let grads = (out.clone() * r).sum().backward();
+            let grad =
+                |p: &burn::module::Param<Tensor<4>>| tensor_to_vec(p.val().grad(&grads).expect("gradient"));
+            vec![
+                tensor_to_vec(out),
+                tensor_to_vec(x.grad(&grads).expect("input gradient")),
+                grad(&first.weight),
+                grad(&second.weight),
+                tensor_to_vec(bn.gamma.val().grad(&grads).expect("gamma gradient")),
+            ]
+        };
+        let (vigil, burn) = (run(KernelChoice::Vigil), run(KernelChoice::Burn));
+        for (i, (v, b)) in vigil.iter().zip(&burn).enumerate() {
+            assert_close(v, b, &format!("chained result {i}"));
         }
     }
 
