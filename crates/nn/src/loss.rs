@@ -2,7 +2,6 @@
 //! differentiable tensor ops, so gradients flow through them on an autodiff device.
 
 use burn::tensor::activation::softmax;
-use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 
@@ -37,7 +36,13 @@ pub fn ssim(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
     let window = gaussian_window(channels, &a.device());
     let pad = SSIM_WINDOW / 2;
     let blur = |x: Tensor<4>| {
-        conv2d(x, window.clone(), None, ConvOptions::new([1, 1], [pad, pad], [1, 1], channels))
+        // depthwise: vigil's direct kernel on the CPU (see `kernels`)
+        crate::kernels::conv2d_with(
+            x,
+            window.clone(),
+            None,
+            ConvOptions::new([1, 1], [pad, pad], [1, 1], channels),
+        )
     };
     let c1 = 0.01f32.powi(2);
     let c2 = 0.03f32.powi(2);

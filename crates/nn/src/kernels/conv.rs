@@ -17,11 +17,11 @@
 
 use rayon::prelude::*;
 
-use super::SharedOut;
+use super::{depthwise, SharedOut};
 
 /// The shapes of one convolution: input `[batch, in_channels, in_h, in_w]`, weight
-/// `[out_channels, in_channels, kernel[0], kernel[1]]` (one group), output
-/// `[batch, out_channels, out_h, out_w]`.
+/// `[out_channels, in_channels, kernel[0], kernel[1]]` (one group) or, `depthwise`,
+/// `[channels, 1, kernel[0], kernel[1]]`, output `[batch, out_channels, out_h, out_w]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ConvGeometry {
     pub batch: usize,
@@ -37,12 +37,16 @@ pub(crate) struct ConvGeometry {
     pub pad_begin: [isize; 2],
     pub out_h: usize,
     pub out_w: usize,
+    /// One filter per channel (groups = in_channels = out_channels), stride 1, no dilation:
+    /// run by [`super::depthwise`].
+    pub depthwise: bool,
 }
 
 impl ConvGeometry {
-    /// Values per patch: the depth of the matrix products.
+    /// Values per patch (per filter): the depth of the matrix products.
     pub fn depth(&self) -> usize {
-        self.in_channels * self.kernel[0] * self.kernel[1]
+        let inputs_per_filter = if self.depthwise { 1 } else { self.in_channels };
+        inputs_per_filter * self.kernel[0] * self.kernel[1]
     }
 
     pub fn out_pixels(&self) -> usize {
@@ -64,7 +68,7 @@ impl ConvGeometry {
     /// The geometry whose forward pass is this convolution's input gradient (stride 1 only):
     /// input = the output gradient, kernel flipped and transposed, padded so that output tap
     /// `oy = iy + pad - ky·d` lines up with input row `iy`.
-    fn input_gradient_as_forward(&self) -> ConvGeometry {
+    pub(super) fn input_gradient_as_forward(&self) -> ConvGeometry {
         debug_assert_eq!(self.stride, [1, 1]);
         let reach = |axis: usize| (self.dilation[axis] * (self.kernel[axis] - 1)) as isize;
         ConvGeometry {
@@ -79,12 +83,13 @@ impl ConvGeometry {
             pad_begin: [reach(0) - self.pad_begin[0], reach(1) - self.pad_begin[1]],
             out_h: self.in_h,
             out_w: self.in_w,
+            depthwise: self.depthwise,
         }
     }
 
     /// Output columns `ox` whose tap at offset `offset` (= kx·dilation − pad) falls inside the
     /// input: `0 <= ox·stride + offset < in_w`.
-    fn valid_columns(&self, offset: isize) -> std::ops::Range<usize> {
+    pub(super) fn valid_columns(&self, offset: isize) -> std::ops::Range<usize> {
         let stride = self.stride[1] as isize;
         let first = if offset >= 0 { 0 } else { (-offset + stride - 1) / stride };
         let last = (self.in_w as isize - 1 - offset).div_euclid(stride) + 1;
@@ -93,7 +98,7 @@ impl ConvGeometry {
     }
 
     /// The input row of output row `oy` at kernel row `ky`, if inside the input.
-    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+    pub(super) fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         let y = (oy * self.stride[0] + ky * self.dilation[0]) as isize - self.pad_begin[0];
         (0..self.in_h as isize).contains(&y).then_some(y as usize)
     }
@@ -229,6 +234,9 @@ fn scatter_patches(g: &ConvGeometry, cols: &[f32], channels: std::ops::Range<usi
 /// Forward convolution: `x` `[batch, in_channels, in_h, in_w]`, `weight`
 /// `[out_channels, in_channels·kh·kw]` → `[batch, out_channels, out_h, out_w]`.
 pub(crate) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    if g.depthwise {
+        return depthwise::forward(g, x, weight, bias);
+    }
     let (depth, out_pixels, in_size) = (g.depth(), g.out_pixels(), g.in_channels * g.in_pixels());
     assert_eq!(x.len(), g.batch * in_size, "convolution input size");
     assert_eq!(weight.len(), g.out_channels * depth, "convolution weight size");
@@ -275,6 +283,9 @@ pub(crate) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<
 /// Gradient of the convolution input: `grad` `[batch, out_channels, out_h, out_w]` →
 /// `[batch, in_channels, in_h, in_w]`.
 pub(crate) fn input_grad(g: &ConvGeometry, weight: &[f32], grad: &[f32]) -> Vec<f32> {
+    if g.depthwise {
+        return depthwise::input_grad(g, weight, grad);
+    }
     assert_eq!(grad.len(), g.batch * g.out_channels * g.out_pixels(), "convolution output gradient size");
     if g.stride == [1, 1] {
         let flipped = g.input_gradient_as_forward();
@@ -320,6 +331,9 @@ fn flipped_transposed(g: &ConvGeometry, weight: &[f32]) -> Vec<f32> {
 
 /// Gradient of the weight, `[out_channels, in_channels·kh·kw]`.
 pub(crate) fn weight_grad(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    if g.depthwise {
+        return depthwise::weight_grad(g, x, grad);
+    }
     let (depth, out_pixels, in_size) = (g.depth(), g.out_pixels(), g.in_channels * g.in_pixels());
     let rows_per_band = patch_rows_per_band(depth);
     let mut dw = vec![0.0f32; g.out_channels * depth];
@@ -394,7 +408,8 @@ mod tests {
                 for oy in 0..g.out_h {
                     for ox in 0..g.out_w {
                         let out = ((n * g.out_channels + o) * g.out_h + oy) * g.out_w + ox;
-                        for i in 0..g.in_channels {
+                        let (first, inputs) = if g.depthwise { (o, 1) } else { (0, g.in_channels) };
+                        for i in first..first + inputs {
                             for ky in 0..kh {
                                 for kx in 0..kw {
                                     let iy =
@@ -406,7 +421,7 @@ mod tests {
                                     }
                                     let xi = ((n * g.in_channels + i) * g.in_h + iy as usize) * g.in_w
                                         + ix as usize;
-                                    tap(xi, ((o * g.in_channels + i) * kh + ky) * kw + kx, out);
+                                    tap(xi, ((o * inputs + i - first) * kh + ky) * kw + kx, out);
                                 }
                             }
                         }
@@ -446,7 +461,12 @@ mod tests {
             pad_begin: pad,
             out_h: out(0, h),
             out_w: out(1, w),
+            depthwise: false,
         }
+    }
+
+    fn depthwise(g: ConvGeometry) -> ConvGeometry {
+        ConvGeometry { depthwise: true, ..g }
     }
 
     fn shapes() -> Vec<ConvGeometry> {
@@ -457,6 +477,9 @@ mod tests {
             geometry((2, 2, 10, 9), (3, [3, 2]), [2, 1], [2, 0], [2, 1]),
             // padded beyond the kernel's reach: the flipped input gradient crops
             geometry((1, 2, 6, 5), (2, [3, 3]), [1, 1], [3, 3], [1, 1]),
+            // depthwise: SSIM's 11x11 blur, and a 3x3 one with one-sided padding
+            depthwise(geometry((2, 3, 16, 13), (3, [11, 11]), [1, 1], [5, 5], [1, 1])),
+            depthwise(geometry((1, 2, 7, 9), (2, [3, 3]), [1, 1], [0, 2], [1, 1])),
             // more than 128 pixels: several forward bands
             geometry((2, 3, 40, 37), (5, [3, 3]), [1, 1], [1, 1], [1, 1]),
         ]
@@ -499,18 +522,21 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let g = geometry((3, 6, 33, 29), (7, [3, 3]), [1, 1], [1, 1], [1, 1]);
-        let x = values(g.batch * g.in_channels * g.in_pixels(), 7);
-        let w = values(g.out_channels * g.depth(), 8);
-        let grad = values(g.batch * g.out_channels * g.out_pixels(), 9);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                (forward(&g, &x, &w, None), input_grad(&g, &w, &grad), weight_grad(&g, &x, &grad))
-            })
-        };
-        let one = run(1);
-        assert_eq!(one, run(3));
-        assert_eq!(one, run(8));
+        let dense = geometry((3, 6, 33, 29), (7, [3, 3]), [1, 1], [1, 1], [1, 1]);
+        let blur = depthwise(geometry((3, 4, 33, 29), (4, [11, 11]), [1, 1], [5, 5], [1, 1]));
+        for g in [dense, blur] {
+            let x = values(g.batch * g.in_channels * g.in_pixels(), 7);
+            let w = values(g.out_channels * g.depth(), 8);
+            let grad = values(g.batch * g.out_channels * g.out_pixels(), 9);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    (forward(&g, &x, &w, None), input_grad(&g, &w, &grad), weight_grad(&g, &x, &grad))
+                })
+            };
+            let one = run(1);
+            assert_eq!(one, run(3));
+            assert_eq!(one, run(8));
+        }
     }
 }

@@ -49,13 +49,22 @@ pub trait TrainingKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// The shapes of a convolution the kernels handle: f32 and one group. `None` sends it to
-/// burn-flex's own operations.
+/// The shapes of a convolution the kernels handle: f32, and one group or one filter per channel
+/// at stride 1 without dilation. `None` sends it to burn-flex's own operations.
 fn geometry(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> Option<ConvGeometry> {
-    if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || options.groups != 1 {
+    if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         return None;
     }
     let (xs, ws) = (x.shape(), weight.shape());
+    let depthwise = options.groups > 1
+        && options.groups == xs[1]
+        && options.groups == ws[0]
+        && ws[1] == 1
+        && options.stride == [1, 1]
+        && options.dilation == [1, 1];
+    if options.groups != 1 && !depthwise {
+        return None;
+    }
     let out = |axis: usize| {
         let (begin, end) = options.padding[axis];
         let reach = options.dilation[axis] * (ws[2 + axis] - 1);
@@ -73,6 +82,7 @@ fn geometry(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> Op
         pad_begin: [options.padding[0].0 as isize, options.padding[1].0 as isize],
         out_h: out(0),
         out_w: out(1),
+        depthwise,
     })
 }
 
@@ -217,7 +227,8 @@ fn conv2d_backward(
     let dw = want_weight.then(|| {
         let x = values(&x);
         let [kh, kw] = g.kernel;
-        tensor(conv::weight_grad(&g, slice(&x), slice(&grad)), [g.out_channels, g.in_channels, kh, kw])
+        let shape = [g.out_channels, g.depth() / (kh * kw), kh, kw];
+        tensor(conv::weight_grad(&g, slice(&x), slice(&grad)), shape)
     });
     let db = want_bias.then(|| vector(conv::bias_grad(&g, slice(&grad))));
     [dx, dw, db]

@@ -12,6 +12,7 @@
 //! kernels out), and [`with_kernels`] chooses for the layer calls made on the current thread.
 
 mod conv;
+mod depthwise;
 mod extension;
 mod norm;
 
@@ -113,18 +114,30 @@ fn padding_pairs(conv: &Conv2d, height: usize, width: usize) -> [(usize, usize);
     }
 }
 
-/// `conv.forward(x)`, by vigil's kernels where they apply (one group).
+/// `conv.forward(x)`, by vigil's kernels where they apply.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    if conv.groups != 1 || !vigil_kernels_take(&x) {
-        return conv.forward(x);
-    }
     let [_, _, height, width] = x.dims();
-    let options =
-        ConvOptions::new_with_padding(conv.stride, padding_pairs(conv, height, width), conv.dilation, 1);
-    let (x, weight) = (x.into_dispatch(), conv.weight.val().into_dispatch());
-    Tensor::from_dispatch(match &conv.bias {
+    let padding = padding_pairs(conv, height, width);
+    let options = ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, conv.groups);
+    conv2d_with(x, conv.weight.val(), conv.bias.as_ref().map(|bias| bias.val()), options)
+}
+
+/// burn's `module::conv2d(x, weight, bias, options)`, by vigil's kernels where they apply: one
+/// group, or one filter per channel at stride 1 without dilation (other convolutions, other
+/// backends and float types take burn's operation).
+pub fn conv2d_with(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    if !vigil_kernels_take(&x) {
+        return burn::tensor::module::conv2d(x, weight, bias, options);
+    }
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    Tensor::from_dispatch(match bias {
         Some(bias) => {
-            <Dispatch as TrainingKernels>::fast_conv2d_bias(x, weight, bias.val().into_dispatch(), options)
+            <Dispatch as TrainingKernels>::fast_conv2d_bias(x, weight, bias.into_dispatch(), options)
         }
         None => <Dispatch as TrainingKernels>::fast_conv2d(x, weight, options),
     })
@@ -175,7 +188,7 @@ mod tests {
     /// A convolution with deterministic weights: [cin, cout], kernel, stride, padding, bias.
     fn conv_of(
         device: &Device,
-        [cin, cout]: [usize; 2],
+        [cin, cout, groups]: [usize; 3],
         kernel: [usize; 2],
         stride: [usize; 2],
         padding: PaddingConfig2d,
@@ -185,8 +198,9 @@ mod tests {
             .with_stride(stride)
             .with_padding(padding)
             .with_bias(bias)
+            .with_groups(groups)
             .init(device);
-        let shape = [cout, cin, kernel[0], kernel[1]];
+        let shape = [cout, cin / groups, kernel[0], kernel[1]];
         conv.weight = conv
             .weight
             .map(|_| tensor_from_vec(values(shape.iter().product(), 11), shape, device).require_grad());
@@ -231,12 +245,16 @@ mod tests {
     fn conv2d_matches_burn_forward_and_backward() {
         let device = Device::flex().autodiff();
         let cases = [
-            ([3, 5], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 3, 13, 11]),
-            ([4, 6], [3, 3], [2, 2], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 4, 15, 9]),
-            ([5, 3], [1, 1], [1, 1], PaddingConfig2d::Valid, true, [3, 5, 7, 10]),
-            ([2, 4], [3, 2], [2, 1], PaddingConfig2d::Explicit(2, 0, 1, 1), false, [1, 2, 9, 8]),
-            ([3, 4], [3, 3], [2, 2], PaddingConfig2d::Same, false, [2, 3, 12, 7]),
-            ([6, 8], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 6, 37, 41]),
+            ([3, 5, 1], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 3, 13, 11]),
+            ([4, 6, 1], [3, 3], [2, 2], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 4, 15, 9]),
+            ([5, 3, 1], [1, 1], [1, 1], PaddingConfig2d::Valid, true, [3, 5, 7, 10]),
+            ([2, 4, 1], [3, 2], [2, 1], PaddingConfig2d::Explicit(2, 0, 1, 1), false, [1, 2, 9, 8]),
+            ([3, 4, 1], [3, 3], [2, 2], PaddingConfig2d::Same, false, [2, 3, 12, 7]),
+            ([6, 8, 1], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 6, 37, 41]),
+            // depthwise (groups = channels)
+            ([4, 4, 4], [5, 5], [1, 1], PaddingConfig2d::Explicit(2, 2, 2, 2), true, [2, 4, 9, 12]),
+            // grouped: burn's operation (vigil's kernels take one group or depthwise only)
+            ([4, 6, 2], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [1, 4, 6, 7]),
         ];
         for (channels, kernel, stride, padding, bias, shape) in cases {
             let what = format!("{channels:?} k{kernel:?} s{stride:?} {padding:?} {shape:?}");
@@ -268,7 +286,7 @@ mod tests {
             [([1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1)), ([2, 2], PaddingConfig2d::Explicit(0, 1, 1, 0))]
         {
             let shape = [2, 2, 7, 6];
-            let conv = conv_of(&device, [2, 3], [3, 3], stride, padding.clone(), true);
+            let conv = conv_of(&device, [2, 3, 1], [3, 3], stride, padding.clone(), true);
             let x = values(shape.iter().product(), 15);
             let vigil = run(&conv, &x, shape, KernelChoice::Vigil);
             let r = values(vigil.out.len(), 13);
@@ -276,7 +294,7 @@ mod tests {
             // The loss written out in f64 from the values, so the difference quotient is exact
             // up to f64 rounding.
             let loss = |x: &[f32], weight: &[f32]| -> f64 {
-                let mut c = conv_of(&device, [2, 3], [3, 3], stride, padding.clone(), true);
+                let mut c = conv_of(&device, [2, 3, 1], [3, 3], stride, padding.clone(), true);
                 c.weight = c.weight.map(|w| tensor_from_vec(weight.to_vec(), w.dims(), &device));
                 let out = c.forward(tensor_from_vec(x.to_vec(), shape, &device));
                 tensor_to_vec(out).iter().zip(&r).map(|(o, r)| f64::from(*o) * f64::from(*r)).sum()
@@ -376,8 +394,8 @@ mod tests {
     #[test]
     fn chained_layers_match_burn() {
         let device = Device::flex().autodiff();
-        let first = conv_of(&device, [3, 4], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true);
-        let second = conv_of(&device, [4, 2], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true);
+        let first = conv_of(&device, [3, 4, 1], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true);
+        let second = conv_of(&device, [4, 2, 1], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true);
         let bn = burn::nn::BatchNormConfig::new(4).init(&device);
         let shape = [2, 3, 16, 16];
         let run = |choice: KernelChoice| {
