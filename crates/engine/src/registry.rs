@@ -99,6 +99,9 @@ impl Method for vigil_ddad::DdadDetector {
     fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
         Self::new(settings)
     }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(vigil_ddad::DdadSpec::complete(settings)).expect("settings serialise")
+    }
     fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
         Self::load(settings, state)
     }
@@ -192,8 +195,8 @@ pub fn registry() -> Vec<MethodEntry> {
             "ddad",
             "DDAD: a diffusion U-Net of the normal images; each test image is noised to t=250 and denoised in 10 \
              DDIM steps pulled toward itself (weight w); map = feature distance + rescaled pixel distance, \
-             smoothed, score = max. Default: the CPU preset (64 px U-Net, 600 steps, MobileNetV2 features); no \
-             domain adaptation yet.",
+             smoothed, score = max. Default: the CPU preset (64 px U-Net, 600 steps, MobileNetV2 features); \
+             `preset=paper` is the published one (256 px, Wide-ResNet-50-2). No domain adaptation yet.",
             Default::default(),
         ),
     ]

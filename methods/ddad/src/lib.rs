@@ -37,9 +37,15 @@ pub const CHECKPOINT_FILE: &str = "ddad-unet.ckpt";
 const STATE_PREFIX: &str = "unet.";
 
 /// Everything that defines a DDAD model. The default is the CPU preset.
+///
+/// Read and written as a [`DdadSpec`]: a preset plus the fields that differ from it, so
+/// `ddad:preset=paper,w=4` is the paper preset with w = 4. Model files store every field
+/// ([`DdadSpec::complete`]), so they do not depend on the presets' values.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "DdadSpec", into = "DdadSpec")]
 pub struct DdadSettings {
+    /// The preset the other fields started from (they may have been overridden since).
+    pub preset: Preset,
     /// U-Net preset (`vigil_diffusion::UNetSettings::preset`): `cpu`, `ddad` or `ddad-s`.
     pub network: String,
     /// Optimiser steps of the U-Net's training (the reference counts epochs).
@@ -78,6 +84,7 @@ impl Default for DdadSettings {
     /// strides of the reference's layer2 and layer3).
     fn default() -> Self {
         DdadSettings {
+            preset: Preset::Cpu,
             network: "cpu".into(),
             steps: 600,
             batch: 8,
@@ -105,6 +112,7 @@ impl DdadSettings {
     /// 20,000 steps (about 3000 epochs of an MVTec class of ~210 images in batches of 32).
     pub fn paper() -> Self {
         DdadSettings {
+            preset: Preset::Paper,
             network: "ddad".into(),
             steps: 20_000,
             batch: 32,
@@ -149,6 +157,151 @@ impl DdadSettings {
             )));
         }
         Ok(())
+    }
+}
+
+/// The named configuration a [`DdadSettings`] starts from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// 64 px U-Net, MobileNetV2 features: one class trains on a 2-core CPU.
+    #[default]
+    Cpu,
+    /// The published configuration (made for a GPU).
+    Paper,
+}
+
+impl DdadSettings {
+    pub fn of_preset(preset: Preset) -> Self {
+        match preset {
+            Preset::Cpu => Self::default(),
+            Preset::Paper => Self::paper(),
+        }
+    }
+}
+
+/// [`DdadSettings`] as written by a user: a preset and any field to override. A missing or
+/// `null` field takes the preset's value.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdadSpec {
+    #[serde(default)]
+    pub preset: Preset,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub batch: Option<usize>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: Option<f32>,
+    #[serde(default)]
+    pub checkpoint_every: Option<usize>,
+    #[serde(default)]
+    pub t_start: Option<usize>,
+    #[serde(default)]
+    pub skip: Option<usize>,
+    #[serde(default)]
+    pub eta: Option<f64>,
+    #[serde(default)]
+    pub w: Option<f64>,
+    #[serde(default)]
+    pub v: Option<f64>,
+    #[serde(default)]
+    pub backbone: Option<BackboneKind>,
+    #[serde(default)]
+    pub layers: Option<Vec<String>>,
+    #[serde(default)]
+    pub weights: Option<Option<PathBuf>>,
+    #[serde(default)]
+    pub random_weights_seed: Option<Option<u64>>,
+    #[serde(default)]
+    pub sigma: Option<f32>,
+    #[serde(default)]
+    pub reconstruction_seed: Option<u64>,
+}
+
+impl DdadSpec {
+    /// Every field written out: what a model file stores.
+    pub fn complete(s: &DdadSettings) -> Self {
+        DdadSpec {
+            preset: s.preset,
+            network: Some(s.network.clone()),
+            steps: Some(s.steps),
+            batch: Some(s.batch),
+            lr: Some(s.lr),
+            weight_decay: Some(s.weight_decay),
+            checkpoint_every: Some(s.checkpoint_every),
+            t_start: Some(s.t_start),
+            skip: Some(s.skip),
+            eta: Some(s.eta),
+            w: Some(s.w),
+            v: Some(s.v),
+            backbone: Some(s.backbone),
+            layers: Some(s.layers.clone()),
+            weights: Some(s.weights.clone()),
+            random_weights_seed: Some(s.random_weights_seed),
+            sigma: Some(s.sigma),
+            reconstruction_seed: Some(s.reconstruction_seed),
+        }
+    }
+}
+
+impl From<DdadSettings> for DdadSpec {
+    /// Only the fields that differ from the preset; the others `None`.
+    fn from(s: DdadSettings) -> Self {
+        fn differs<T: PartialEq>(value: T, preset: T) -> Option<T> {
+            (value != preset).then_some(value)
+        }
+        let base = DdadSettings::of_preset(s.preset);
+        DdadSpec {
+            preset: s.preset,
+            network: differs(s.network, base.network),
+            steps: differs(s.steps, base.steps),
+            batch: differs(s.batch, base.batch),
+            lr: differs(s.lr, base.lr),
+            weight_decay: differs(s.weight_decay, base.weight_decay),
+            checkpoint_every: differs(s.checkpoint_every, base.checkpoint_every),
+            t_start: differs(s.t_start, base.t_start),
+            skip: differs(s.skip, base.skip),
+            eta: differs(s.eta, base.eta),
+            w: differs(s.w, base.w),
+            v: differs(s.v, base.v),
+            backbone: differs(s.backbone, base.backbone),
+            layers: differs(s.layers, base.layers),
+            weights: differs(s.weights, base.weights),
+            random_weights_seed: differs(s.random_weights_seed, base.random_weights_seed),
+            sigma: differs(s.sigma, base.sigma),
+            reconstruction_seed: differs(s.reconstruction_seed, base.reconstruction_seed),
+        }
+    }
+}
+
+impl From<DdadSpec> for DdadSettings {
+    fn from(spec: DdadSpec) -> Self {
+        let base = DdadSettings::of_preset(spec.preset);
+        DdadSettings {
+            preset: spec.preset,
+            network: spec.network.unwrap_or(base.network),
+            steps: spec.steps.unwrap_or(base.steps),
+            batch: spec.batch.unwrap_or(base.batch),
+            lr: spec.lr.unwrap_or(base.lr),
+            weight_decay: spec.weight_decay.unwrap_or(base.weight_decay),
+            checkpoint_every: spec.checkpoint_every.unwrap_or(base.checkpoint_every),
+            t_start: spec.t_start.unwrap_or(base.t_start),
+            skip: spec.skip.unwrap_or(base.skip),
+            eta: spec.eta.unwrap_or(base.eta),
+            w: spec.w.unwrap_or(base.w),
+            v: spec.v.unwrap_or(base.v),
+            backbone: spec.backbone.unwrap_or(base.backbone),
+            layers: spec.layers.unwrap_or(base.layers),
+            weights: spec.weights.unwrap_or(base.weights),
+            random_weights_seed: spec.random_weights_seed.unwrap_or(base.random_weights_seed),
+            sigma: spec.sigma.unwrap_or(base.sigma),
+            reconstruction_seed: spec.reconstruction_seed.unwrap_or(base.reconstruction_seed),
+        }
     }
 }
 
@@ -325,7 +478,7 @@ impl Detector for DdadDetector {
     }
 
     fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
+        serde_json::to_value(DdadSpec::complete(&self.settings)).expect("settings serialise")
     }
 
     fn state(&self) -> Result<TensorBag> {

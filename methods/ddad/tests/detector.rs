@@ -68,3 +68,27 @@ fn bad_settings_are_refused_before_training() {
     let untrained = DdadDetector::new(settings()).unwrap();
     assert!(untrained.score(&image(0), None).is_err());
 }
+
+#[test]
+fn presets_by_name_and_overrides() {
+    use vigil_ddad::{DdadSpec, Preset};
+    let paper: DdadSettings =
+        serde_json::from_value(serde_json::json!({"preset": "paper", "w": 4.0})).unwrap();
+    assert_eq!(paper, DdadSettings { w: 4.0, ..DdadSettings::paper() });
+    assert_eq!((paper.network.as_str(), paper.batch, paper.preset), ("ddad", 32, Preset::Paper));
+    // Written back as the preset and the overrides only (null elsewhere); a model file writes
+    // every field.
+    let written = serde_json::to_value(&paper).unwrap();
+    let given: Vec<&String> =
+        written.as_object().unwrap().iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k).collect();
+    assert_eq!(given, ["preset", "w"]);
+    let complete = serde_json::to_value(DdadSpec::complete(&paper)).unwrap();
+    assert_eq!(complete["layers"], serde_json::json!(["layer2", "layer3"]));
+    assert_eq!(serde_json::from_value::<DdadSettings>(complete).unwrap(), paper);
+    // The default is the CPU preset; unknown fields are refused.
+    assert_eq!(
+        serde_json::from_value::<DdadSettings>(serde_json::json!({})).unwrap(),
+        DdadSettings::default()
+    );
+    assert!(serde_json::from_value::<DdadSettings>(serde_json::json!({"wieght": 1})).is_err());
+}
