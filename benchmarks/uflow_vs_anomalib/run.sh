@@ -12,6 +12,9 @@
 # UFlowLoss) or `official` (the per-sample loss of mtailanian/uflow). anomalib comes from
 # $VIGIL_PEER_VENV (default: .peer-venv in the workspace), installed by ../shared/peers/install.sh
 # when it is missing. anomalib's fit takes minutes per class on 2 cores; vigil's seconds.
+#
+# Beside it: seeds.sh (vigil over several seeds: the spread of the 12-class means) and the step-by-step
+# trace (methods/uflow/examples/uflow_trace.rs, then `uflow_side_by_side.py trace`), see methods/uflow/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${1:-runs/uflow-vs-anomalib}"
