@@ -27,11 +27,12 @@ fi
 BIN=./target/release/examples/fastflow_maps
 [ -n "${VIGIL_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p vigil-fastflow --example fastflow_maps
 [ -z "${VIGIL_FASTFLOW_MAPS:-}" ] || BIN="$VIGIL_FASTFLOW_MAPS"
+CORES=$(nproc --all)
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=1 VIGIL_NO_PROGRESS=1
 SCRIPT=benchmarks/fastflow_vs_anomalib/fastflow_side_by_side.py
 mkdir -p "$OUT"
 rm -f "$OUT/vigil.jsonl" "$OUT/anomalib.jsonl"
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load before: $(cut -d' ' -f1-3 /proc/loadavg); vigil settings $SETTINGS; epochs $EPOCHS"
+echo "machine: $CORES cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load before: $(cut -d' ' -f1-3 /proc/loadavg); vigil settings $SETTINGS; epochs $EPOCHS"
 for class in "$DATA"/*/; do
   name=$(basename "$class")
   "$BIN" "$class" "$OUT/vigil/$name" "$SETTINGS" >/dev/null
