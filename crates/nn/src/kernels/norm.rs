@@ -48,6 +48,81 @@ fn activate(z: f32, slope: f32) -> f32 {
     }
 }
 
+/// Lanes of the per-plane sums: one AVX-512 register. Both dispatch paths run the same
+/// operations in the same order (no fused multiply-add), so results do not depend on the CPU.
+const LANES: usize = 16;
+
+vigil_core::simd_dispatch! {
+    fn normalise_plane(plane: &[f32], out: &mut [f32], scale_shift: (f32, f32), slope: f32);
+    fast = normalise_plane_generic(plane, out, scale_shift, slope);
+    portable = normalise_plane_generic(plane, out, scale_shift, slope);
+}
+
+#[inline(always)]
+fn normalise_plane_generic(plane: &[f32], out: &mut [f32], (scale, shift): (f32, f32), slope: f32) {
+    out.iter_mut().zip(plane).for_each(|(o, v)| *o = activate(v * scale + shift, slope));
+}
+
+vigil_core::simd_dispatch! {
+    /// Sums over one plane of the gradient before the activation, and of it times the
+    /// normalised input.
+    fn gradient_sums(plane: &[f32], grads: &[f32], st: &ChannelStats, slope: f32) -> (f32, f32);
+    fast = gradient_sums_generic(plane, grads, st, slope);
+    portable = gradient_sums_generic(plane, grads, st, slope);
+}
+
+#[inline(always)]
+fn gradient_sums_generic(plane: &[f32], grads: &[f32], st: &ChannelStats, slope: f32) -> (f32, f32) {
+    let (mut sum, mut sum_normalised) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let mut add = |lane: usize, v: f32, g: f32| {
+        let gz = if v * st.scale + st.shift > 0.0 { g } else { g * slope };
+        sum[lane] += gz;
+        sum_normalised[lane] += gz * ((v - st.mean) * st.inv_std);
+    };
+    let (values, gradients) = (plane.chunks_exact(LANES), grads.chunks_exact(LANES));
+    let tail = values.remainder().iter().zip(gradients.remainder());
+    for (vs, gs) in values.zip(gradients) {
+        for lane in 0..LANES {
+            add(lane, vs[lane], gs[lane]);
+        }
+    }
+    for (lane, (&v, &g)) in tail.enumerate() {
+        add(lane, v, g);
+    }
+    (sum.iter().sum(), sum_normalised.iter().sum())
+}
+
+vigil_core::simd_dispatch! {
+    /// One plane of the input gradient, from the two per-channel gradient means.
+    fn input_gradient_plane(
+        plane: &[f32],
+        grads: &[f32],
+        out: &mut [f32],
+        stats_gamma: (&ChannelStats, f32),
+        means: (f32, f32),
+        slope: f32,
+    );
+    fast = input_gradient_plane_generic(plane, grads, out, stats_gamma, means, slope);
+    portable = input_gradient_plane_generic(plane, grads, out, stats_gamma, means, slope);
+}
+
+#[inline(always)]
+fn input_gradient_plane_generic(
+    plane: &[f32],
+    grads: &[f32],
+    out: &mut [f32],
+    (st, gamma): (&ChannelStats, f32),
+    (mean_grad, mean_normalised_grad): (f32, f32),
+    slope: f32,
+) {
+    let factor = gamma * st.inv_std;
+    for ((d, &v), &g) in out.iter_mut().zip(plane).zip(grads) {
+        let gz = if v * st.scale + st.shift > 0.0 { g } else { g * slope };
+        let normalised = (v - st.mean) * st.inv_std;
+        *d = factor * (gz - mean_grad - normalised * mean_normalised_grad);
+    }
+}
+
 /// What normalising one channel takes: its statistics and the (scale, shift) that apply them
 /// with `gamma` and `beta`.
 struct ChannelStats {
@@ -118,7 +193,7 @@ pub(crate) fn forward(
                         s.pixels,
                     )
                 };
-                dst.iter_mut().zip(plane).for_each(|(o, v)| *o = activate(v * st.scale + st.shift, slope));
+                normalise_plane(plane, dst, (st.scale, st.shift), slope);
             }
             (mean as f32, variance as f32)
         })
@@ -152,22 +227,14 @@ pub(crate) fn backward(
         .map(|c| {
             let (mean, variance) = (f64::from(moments.mean[c]), f64::from(moments.variance[c]));
             let st = ChannelStats::new(mean, variance, gamma[c], beta[c], epsilon);
-            // the gradient before the activation, for value v and output gradient g
-            let pre = |v: f32, g: f32| if v * st.scale + st.shift > 0.0 { g } else { g * slope };
             let (mut beta_grad, mut gamma_grad) = (0.0f64, 0.0f64);
             for (plane, grads) in s.planes(x, c).zip(s.planes(grad, c)) {
-                let (mut sum, mut sum_normalised) = ([0.0f32; 8], [0.0f32; 8]);
-                for (i, (&v, &g)) in plane.iter().zip(grads).enumerate() {
-                    let gz = pre(v, g);
-                    sum[i % 8] += gz;
-                    sum_normalised[i % 8] += gz * (v - st.mean) * st.inv_std;
-                }
-                beta_grad += f64::from(sum.iter().sum::<f32>());
-                gamma_grad += f64::from(sum_normalised.iter().sum::<f32>());
+                let (sum, sum_normalised) = gradient_sums(plane, grads, &st, slope);
+                beta_grad += f64::from(sum);
+                gamma_grad += f64::from(sum_normalised);
             }
             let (beta_grad, gamma_grad) = (beta_grad as f32, gamma_grad as f32);
-            let (mean_grad, mean_normalised_grad) = (beta_grad / count, gamma_grad / count);
-            let factor = gamma[c] * st.inv_std;
+            let means = (beta_grad / count, gamma_grad / count);
             for (n, (plane, grads)) in s.planes(x, c).zip(s.planes(grad, c)).enumerate() {
                 // SAFETY: channel c's task alone writes plane (n, c) of `dx`, which outlives the
                 // parallel loop.
@@ -177,10 +244,7 @@ pub(crate) fn backward(
                         s.pixels,
                     )
                 };
-                for ((d, &v), &g) in dst.iter_mut().zip(plane).zip(grads) {
-                    let normalised = (v - st.mean) * st.inv_std;
-                    *d = factor * (pre(v, g) - mean_grad - normalised * mean_normalised_grad);
-                }
+                input_gradient_plane(plane, grads, dst, (&st, gamma[c]), means, slope);
             }
             (gamma_grad, beta_grad)
         })
