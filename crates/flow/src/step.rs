@@ -274,6 +274,7 @@ impl FlowStep {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::testing::numerical_log_det;
 
     pub fn device() -> Device {
         Device::flex()
@@ -319,42 +320,6 @@ pub(crate) mod tests {
             assert!(max_abs_diff(x.clone(), y.clone()) > 0.1, "the step must not be the identity");
             assert!(max_abs_diff(step.inverse(y), x) < 1e-4);
         }
-    }
-
-    /// log|det| of the Jacobian of `f` at `x` by central differences, through an LU in f64.
-    fn numerical_log_det(f: impl Fn(Tensor<4>) -> Vec<f32>, x: &[f32], shape: [usize; 4]) -> f64 {
-        let n = x.len();
-        let eps = 1e-2f32;
-        let mut jac = vec![vec![0f64; n]; n];
-        for j in 0..n {
-            let eval = |delta: f32| {
-                let mut xp = x.to_vec();
-                xp[j] += delta;
-                f(Tensor::from_data(TensorData::new(xp, shape), &device()))
-            };
-            let (plus, minus) = (eval(eps), eval(-eps));
-            assert_eq!(plus.len(), n, "the transform must preserve dimension");
-            for i in 0..n {
-                jac[i][j] = (plus[i] as f64 - minus[i] as f64) / (2.0 * eps as f64);
-            }
-        }
-        let mut log_det = 0.0;
-        for col in 0..n {
-            let pivot = (col..n).max_by(|&a, &b| jac[a][col].abs().total_cmp(&jac[b][col].abs())).unwrap();
-            jac.swap(col, pivot);
-            let p = jac[col][col];
-            assert!(p.abs() > 1e-9, "singular Jacobian");
-            log_det += p.abs().ln();
-            let (done, rest) = jac.split_at_mut(col + 1);
-            let pivot_row = &done[col];
-            for row in rest.iter_mut() {
-                let factor = row[col] / p;
-                for (v, pv) in row[col..].iter_mut().zip(&pivot_row[col..]) {
-                    *v -= factor * pv;
-                }
-            }
-        }
-        log_det
     }
 
     #[test]
