@@ -18,6 +18,8 @@ pub(crate) enum Block {
     /// conv1 + bn1 + ReLU + 3x3/2 max pool.
     ResNetStem(ConvBn),
     ResNetLayer(Vec<ResidualBlock>),
+    /// Convolutions in sequence, nothing added: a path into the middle of a block.
+    Chain(Vec<ConvBn>),
 }
 
 impl Block {
@@ -27,6 +29,7 @@ impl Block {
             Block::Inverted(block) => block.forward(x),
             Block::ResNetStem(conv) => resnet_max_pool(conv.forward(x)),
             Block::ResNetLayer(blocks) => blocks.iter().fold(x, |y, block| block.forward(y)),
+            Block::Chain(convs) => convs.iter().fold(x, |y, conv| conv.forward(y)),
         }
     }
 
@@ -38,6 +41,11 @@ impl Block {
             Block::ResNetLayer(blocks) => {
                 let (first, rest) = blocks.split_first().expect("a ResNet layer has blocks");
                 rest.iter().fold(first.forward_nhwc(x), |y, block| block.forward_nhwc(&y))
+            }
+            Block::Chain(convs) => {
+                let (first, rest) = convs.split_first().expect("a chain has convolutions");
+                rest.iter()
+                    .fold(first.forward_nhwc(x, None, None), |y, conv| conv.forward_nhwc(&y, None, None))
             }
         }
     }
@@ -51,6 +59,9 @@ pub(crate) struct Stage {
     /// Total downsampling factor of the stage's output relative to the input.
     pub stride: usize,
     pub block: Block,
+    /// A side tap: it reads the previous stage's output like the next stage does, but its
+    /// own output feeds nothing (e.g. `layer1.0.conv3`, inside the block that `layer1` runs whole).
+    pub branch: bool,
 }
 
 #[derive(Clone)]
@@ -115,8 +126,35 @@ impl ConvLoader<'_> {
         groups: usize,
         activation: Activation,
     ) -> Result<ConvBn> {
+        let spec = self.spec(conv, bn, (in_channels, out_channels), (kernel, stride), groups, activation);
+        ConvBn::load(&spec, self.params, self.device)
+    }
+
+    /// A convolution + batch norm, and the convolution alone (the output before the batch norm).
+    fn conv_and_unfolded(
+        &mut self,
+        conv: &str,
+        bn: &str,
+        (in_channels, out_channels): (usize, usize),
+        kernel: usize,
+        activation: Activation,
+    ) -> Result<(ConvBn, ConvBn)> {
+        let spec = self.spec(conv, bn, (in_channels, out_channels), (kernel, 1), 1, activation);
+        let (folded, unfolded) = ConvBn::load_keeping_unfolded(&spec, self.params, self.device, true)?;
+        Ok((folded, unfolded.expect("the unfolded convolution was asked for")))
+    }
+
+    fn spec<'a>(
+        &self,
+        conv: &'a str,
+        bn: &'a str,
+        (in_channels, out_channels): (usize, usize),
+        (kernel, stride): (usize, usize),
+        groups: usize,
+        activation: Activation,
+    ) -> ConvSpec<'a> {
         let padding = if self.tf_same { Padding::TfSame } else { Padding::Symmetric(kernel / 2) };
-        let spec = ConvSpec {
+        ConvSpec {
             conv,
             bn,
             in_channels,
@@ -127,8 +165,7 @@ impl ConvLoader<'_> {
             padding,
             activation,
             bn_eps: self.bn_eps,
-        };
-        ConvBn::load(&spec, self.params, self.device)
+        }
     }
 }
 
@@ -136,8 +173,13 @@ impl ConvLoader<'_> {
 fn mobilenet_v2(params: &mut dyn Params, device: &Device) -> Result<Network> {
     let mut load = ConvLoader { params, device, bn_eps: 1e-5, tf_same: false };
     let stem = load.conv("features.0.0", "features.0.1", (3, 32), 3, 2, Activation::Relu6)?;
-    let mut stages =
-        vec![Stage { name: "features.0".into(), channels: 32, stride: 2, block: Block::Conv(stem) }];
+    let mut stages = vec![Stage {
+        name: "features.0".into(),
+        channels: 32,
+        stride: 2,
+        block: Block::Conv(stem),
+        branch: false,
+    }];
     // (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper.
     let settings = [
         (1, 16, 1, 1),
@@ -172,7 +214,7 @@ fn mobilenet_v2(params: &mut dyn Params, device: &Device) -> Result<Network> {
             convs.push(load.conv(&conv, &bn, (hidden, out_channels), 1, 1, Activation::Identity)?);
             let residual = stride == 1 && in_channels == out_channels;
             let block = Block::Inverted(InvertedResidual { convs, residual });
-            stages.push(Stage { name, channels: out_channels, stride: total_stride, block });
+            stages.push(Stage { name, channels: out_channels, stride: total_stride, block, branch: false });
             in_channels = out_channels;
         }
     }
@@ -182,6 +224,7 @@ fn mobilenet_v2(params: &mut dyn Params, device: &Device) -> Result<Network> {
         channels: 1280,
         stride: total_stride,
         block: Block::Conv(head),
+        branch: false,
     });
     let classifier = Classifier::load("classifier.1", 1280, 1000, load.params, device)?;
     Ok(Network { stages, classifier })
@@ -192,8 +235,13 @@ fn mobilenet_v2(params: &mut dyn Params, device: &Device) -> Result<Network> {
 fn efficientnet_lite0(params: &mut dyn Params, device: &Device) -> Result<Network> {
     let mut load = ConvLoader { params, device, bn_eps: 1e-3, tf_same: true };
     let stem = load.conv("_conv_stem", "_bn0", (3, 32), 3, 2, Activation::Relu6)?;
-    let mut stages =
-        vec![Stage { name: "_conv_stem".into(), channels: 32, stride: 2, block: Block::Conv(stem) }];
+    let mut stages = vec![Stage {
+        name: "_conv_stem".into(),
+        channels: 32,
+        stride: 2,
+        block: Block::Conv(stem),
+        branch: false,
+    }];
     // (repeats, kernel, first stride, expansion, input channels, output channels).
     let settings = [
         (1, 3, 1, 1, 32, 16),
@@ -224,7 +272,7 @@ fn efficientnet_lite0(params: &mut dyn Params, device: &Device) -> Result<Networ
             convs.push(load.conv(&conv, &bn, (hidden, out_channels), 1, 1, Activation::Identity)?);
             let residual = stride == 1 && in_channels == out_channels;
             let block = Block::Inverted(InvertedResidual { convs, residual });
-            stages.push(Stage { name, channels: out_channels, stride: total_stride, block });
+            stages.push(Stage { name, channels: out_channels, stride: total_stride, block, branch: false });
             index += 1;
         }
     }
@@ -234,6 +282,7 @@ fn efficientnet_lite0(params: &mut dyn Params, device: &Device) -> Result<Networ
         channels: 1280,
         stride: total_stride,
         block: Block::Conv(head),
+        branch: false,
     });
     let classifier = Classifier::load("_fc", 1280, 1000, load.params, device)?;
     Ok(Network { stages, classifier })
@@ -257,8 +306,13 @@ fn resnet(
 ) -> Result<Network> {
     let mut load = ConvLoader { params, device, bn_eps: 1e-5, tf_same: false };
     let stem = load.conv("conv1", "bn1", (3, 64), 7, 2, Activation::Relu)?;
-    let mut stages =
-        vec![Stage { name: "maxpool".into(), channels: 64, stride: 4, block: Block::ResNetStem(stem) }];
+    let mut stages = vec![Stage {
+        name: "maxpool".into(),
+        channels: 64,
+        stride: 4,
+        block: Block::ResNetStem(stem),
+        branch: false,
+    }];
     let mut in_channels = 64;
     for (layer, &depth) in depths.iter().enumerate() {
         let planes = 64 << layer;
@@ -282,12 +336,25 @@ fn resnet(
                     let (c1, b1) = conv(1);
                     let (c2, b2) = conv(2);
                     let (c3, b3) = conv(3);
-                    let convs = vec![
-                        load.conv(&c1, &b1, (in_channels, width), 1, 1, Activation::Relu)?,
-                        load.conv(&c2, &b2, (width, width), 3, stride, Activation::Relu)?,
-                        load.conv(&c3, &b3, (width, planes * 4), 1, 1, Activation::Identity)?,
-                    ];
-                    (convs, planes * 4)
+                    let conv1 = load.conv(&c1, &b1, (in_channels, width), 1, 1, Activation::Relu)?;
+                    let conv2 = load.conv(&c2, &b2, (width, width), 3, stride, Activation::Relu)?;
+                    let conv3 = if (layer, index) == (0, 0) {
+                        // layer1[0].conv3 before bn3, the residual and the ReLU, as the a contrario
+                        // reference taps it: conv3 with its own weights, not the folded ones.
+                        let (folded, unfolded) =
+                            load.conv_and_unfolded(&c3, &b3, (width, planes * 4), 1, Activation::Identity)?;
+                        stages.push(Stage {
+                            name: c3.clone(),
+                            channels: planes * 4,
+                            stride: 4,
+                            block: Block::Chain(vec![conv1.clone(), conv2.clone(), unfolded]),
+                            branch: true,
+                        });
+                        folded
+                    } else {
+                        load.conv(&c3, &b3, (width, planes * 4), 1, 1, Activation::Identity)?
+                    };
+                    (vec![conv1, conv2, conv3], planes * 4)
                 }
             };
             let downsample = if stride != 1 || in_channels != out_channels {
@@ -304,6 +371,7 @@ fn resnet(
             channels: in_channels,
             stride: 4 << layer,
             block: Block::ResNetLayer(blocks),
+            branch: false,
         });
     }
     let classifier = Classifier::load("fc", in_channels, 1000, load.params, device)?;

@@ -59,6 +59,17 @@ pub(crate) struct ConvBn {
 
 impl ConvBn {
     pub fn load(spec: &ConvSpec, params: &mut dyn Params, device: &Device) -> Result<ConvBn> {
+        Ok(ConvBn::load_keeping_unfolded(spec, params, device, false)?.0)
+    }
+
+    /// The folded layer and, if `keep_unfolded`, also the convolution alone (its own weights, zero
+    /// bias, no activation): the exact output before the batch norm, for a tap placed there.
+    pub fn load_keeping_unfolded(
+        spec: &ConvSpec,
+        params: &mut dyn Params,
+        device: &Device,
+        keep_unfolded: bool,
+    ) -> Result<(ConvBn, Option<ConvBn>)> {
         let ConvSpec { conv, bn, in_channels, out_channels, kernel, .. } = *spec;
         let mut weight = params
             .take(&format!("{conv}.weight"), &[out_channels, in_channels / spec.groups, kernel, kernel])?;
@@ -66,6 +77,9 @@ impl ConvBn {
         let beta = params.take(&format!("{bn}.bias"), &[out_channels])?;
         let mean = params.take(&format!("{bn}.running_mean"), &[out_channels])?;
         let var = params.take(&format!("{bn}.running_var"), &[out_channels])?;
+        let unfolded = keep_unfolded.then(|| {
+            ConvBn::new(weight.clone(), vec![0.0; out_channels], Activation::Identity, spec, device)
+        });
         let per_filter = weight.len() / out_channels;
         let mut bias = Vec::with_capacity(out_channels);
         for o in 0..out_channels {
@@ -73,6 +87,17 @@ impl ConvBn {
             weight[o * per_filter..(o + 1) * per_filter].iter_mut().for_each(|w| *w *= scale);
             bias.push(beta[o] - mean[o] * scale);
         }
+        Ok((ConvBn::new(weight, bias, spec.activation, spec, device), unfolded))
+    }
+
+    fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        activation: Activation,
+        spec: &ConvSpec,
+        device: &Device,
+    ) -> ConvBn {
+        let ConvSpec { in_channels, out_channels, kernel, .. } = *spec;
         let shape = [out_channels, in_channels / spec.groups, kernel, kernel];
         let packed = PackedConv::new(
             &weight,
@@ -81,16 +106,16 @@ impl ConvBn {
             (kernel, spec.stride),
             spec.groups,
         );
-        Ok(ConvBn {
+        ConvBn {
             weight: Tensor::from_data(TensorData::new(weight, shape), device),
             bias: Tensor::from_data(TensorData::new(bias, [out_channels]), device),
             kernel,
             stride: spec.stride,
             groups: spec.groups,
             padding: spec.padding,
-            activation: spec.activation,
+            activation,
             packed,
-        })
+        }
     }
 
     /// (top, bottom, left, right) padding for an input of this size.

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `MobileNetV2` (torchvision) | `mobilenet_v2` | `features.0` .. `features.18`; usual taps `features.3` (24, 4), `features.6` (32, 8), `features.13` (96, 16) |
 //! | `EfficientNetLite0` (lukemelas/ml-illustrated names) | `efficientnet_lite0` | `_conv_stem`, `_blocks.0` .. `_blocks.15`, `_conv_head`; e.g. `_blocks.2` (24, 4), `_blocks.4` (40, 8), `_blocks.10` (112, 16) |
-//! | `ResNet18`, `ResNet50`, `WideResNet50` (torchvision) | `resnet18`, `resnet50`, `wide_resnet50_2` | `maxpool` (64, 4), `layer1` .. `layer4` (strides 4, 8, 16, 32) |
+//! | `ResNet18`, `ResNet50`, `WideResNet50` (torchvision) | `resnet18`, `resnet50`, `wide_resnet50_2` | `maxpool` (64, 4), `layer1` .. `layer4` (strides 4, 8, 16, 32); ResNet-50 and WRN-50-2 also `layer1.0.conv3` (256, 4): the first bottleneck's third convolution before its batch norm, residual and ReLU |
 //!
 //! Batch norm runs in eval mode and is folded into the preceding convolution at load time.
 //!
@@ -364,9 +364,12 @@ impl Backbone {
         let mut outputs: Vec<Option<Tensor<4>>> = vec![None; self.network.stages.len()];
         let mut x = batch;
         for (index, stage) in self.network.stages[..=deepest].iter().enumerate() {
-            x = stage.block.forward(x);
+            let y = stage.block.forward(x.clone());
             if wanted.contains(&index) {
-                outputs[index] = Some(x.clone());
+                outputs[index] = Some(y.clone());
+            }
+            if !stage.branch {
+                x = y;
             }
         }
         Ok(wanted.iter().map(|&i| outputs[i].clone().expect("every wanted stage ran")).collect())
@@ -428,6 +431,7 @@ impl Backbone {
                     let features = stages
                         .iter()
                         .skip(1)
+                        .filter(|stage| !stage.branch)
                         .fold(stages[0].block.forward_nhwc(x), |y, stage| stage.block.forward_nhwc(&y));
                     self.network.classifier.forward_nhwc(&features)
                 })
@@ -435,7 +439,12 @@ impl Backbone {
             let classes = logits.len() / images.len();
             return Ok(Tensor::from_data(TensorData::new(logits, [images.len(), classes]), &self.device));
         }
-        let features = self.network.stages.iter().fold(batch, |x, stage| stage.block.forward(x));
+        let features = self
+            .network
+            .stages
+            .iter()
+            .filter(|stage| !stage.branch)
+            .fold(batch, |x, stage| stage.block.forward(x));
         Ok(self.network.classifier.forward(features))
     }
 
@@ -469,7 +478,9 @@ impl Backbone {
             if wanted.contains(&index) {
                 outputs[index] = Some(y.clone());
             }
-            x = Some(y);
+            if !stage.branch {
+                x = Some(y);
+            }
         }
         wanted.iter().map(|&i| outputs[i].clone().expect("every wanted stage ran")).collect()
     }

@@ -23,7 +23,13 @@ fn shapes(maps: &[FeatureMap]) -> Vec<(usize, usize, usize)> {
 fn check(kind: BackboneKind, channels: [usize; 4]) {
     let state = Backbone::random_state(kind, 3);
     let backbone = Backbone::from_state(kind, &state, &default_device()).unwrap();
-    assert_eq!(backbone.layer_names(), layers(&["maxpool", "layer1", "layer2", "layer3", "layer4"]));
+    let mut names = layers(&["maxpool", "layer1", "layer2", "layer3", "layer4"]);
+    if kind != BackboneKind::ResNet18 {
+        // the bottleneck networks' side tap, before the stage that contains it
+        names.insert(1, "layer1.0.conv3".into());
+        assert_eq!(backbone.layer_info("layer1.0.conv3").unwrap(), (256, 4));
+    }
+    assert_eq!(backbone.layer_names(), names);
     for (i, &c) in channels.iter().enumerate() {
         assert_eq!(backbone.layer_info(&format!("layer{}", i + 1)).unwrap(), (c, 4 << i));
     }
