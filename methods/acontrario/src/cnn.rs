@@ -12,15 +12,17 @@ use vigil_backbones::{Backbone, BackboneKind};
 use vigil_core::image::resize_plane_bilinear;
 use vigil_core::{Image, Mask, Result, VigilError};
 
-/// The layers tapped by default: the stride-4 features closest to the reference's ResNet-50
-/// `layer1[0].conv3` that vigil's backbones expose. MobileNetV2 and EfficientNet-Lite0 have only 24
-/// channels at stride 4 per layer, fewer than the 35 components, so their two stride-4 blocks are
-/// concatenated (48 channels).
+/// The layers tapped by default. ResNet-50 (and WRN-50-2, the same structure) tap what the
+/// reference taps: `layer1[0].conv3` before its batch norm, residual and ReLU (256 channels,
+/// stride 4). The others take their stride-4 features closest to it: `layer1` for ResNet-18;
+/// MobileNetV2 and EfficientNet-Lite0 have only 24 channels at stride 4 per layer, fewer than
+/// the 35 components, so their two stride-4 blocks are concatenated (48 channels).
 pub fn default_layers(kind: BackboneKind) -> Vec<String> {
     let names: &[&str] = match kind {
         BackboneKind::MobileNetV2 => &["features.2", "features.3"],
         BackboneKind::EfficientNetLite0 => &["_blocks.1", "_blocks.2"],
-        BackboneKind::ResNet18 | BackboneKind::ResNet50 | BackboneKind::WideResNet50 => &["layer1"],
+        BackboneKind::ResNet18 => &["layer1"],
+        BackboneKind::ResNet50 | BackboneKind::WideResNet50 => &["layer1.0.conv3"],
     };
     names.iter().map(|s| s.to_string()).collect()
 }

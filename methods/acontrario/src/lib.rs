@@ -1063,6 +1063,31 @@ mod tests {
     }
 
     #[test]
+    fn resnet50_from_a_weights_file_taps_the_reference_conv3() {
+        // The reference's features: ResNet-50 layer1[0].conv3 (256 channels, stride 4) from the
+        // user's weights file, here a seeded random state saved as safetensors.
+        let path = std::env::temp_dir()
+            .join(format!("vigil-acontrario-resnet50-{}.safetensors", std::process::id()));
+        vigil_backbones::write_state(&Backbone::random_state(BackboneKind::ResNet50, 4), &path).unwrap();
+        let json = serde_json::json!({"feature": "cnn", "nfa": "region", "backbone": "resnet50",
+            "weights": path, "layers": ["layer1.0.conv3"], "cnn_input": 96});
+        let settings: AcontrarioSettings = serde_json::from_value(json).unwrap();
+        settings.validate().unwrap();
+        assert_eq!(cnn::default_layers(BackboneKind::ResNet50), settings.layers, "the default tap");
+        let det = AcontrarioDetector::new(settings);
+        let image = textured(1, Some((60, 30)));
+        let grid = cnn::extract(det.backbone().unwrap(), &det.settings.cnn_layers(), &image, (96, 96), None);
+        let out = det.score(&image, None);
+        std::fs::remove_file(&path).unwrap();
+        let grid = grid.unwrap();
+        assert_eq!((grid.channels, grid.stride, grid.width, grid.height), (256, 4, 24, 24));
+        // before its batch norm and ReLU the tap takes both signs
+        assert!(grid.data.iter().any(|&v| v < 0.0) && grid.data.iter().any(|&v| v > 0.0));
+        let nfa = out.unwrap().log10_nfa.unwrap();
+        assert!(nfa.get(35, 65) < 0.0, "the spot is detected: {}", nfa.get(35, 65));
+    }
+
+    #[test]
     fn region_nfa_needs_cnn_features() {
         let bad = AcontrarioSettings { nfa: NfaVariant::Region, ..AcontrarioSettings::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("feature=cnn"));
