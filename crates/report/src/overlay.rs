@@ -67,7 +67,8 @@ pub fn draw_edge(img: &mut RgbImage, edge: &Mask, colour: [u8; 3]) {
 
 /// The image itself as 8-bit RGB, by the same channel rules as [`overlay`].
 pub fn to_rgb(image: &Image) -> RgbImage {
-    let black = vec![0f32; image.plane_len()];
+    // only a channel-less image needs it; the others would pay for zeroing a whole plane
+    let black = if image.channels == 0 { vec![0f32; image.plane_len()] } else { Vec::new() };
     let planes = display_planes(image, &black);
     let mut out = RgbImage::new(image.width as u32, image.height as u32);
     for (i, pixel) in out.pixels_mut().enumerate() {
@@ -114,7 +115,8 @@ pub fn overlay(image: &Image, map: &Map, lo: f32, hi: f32, predicted: Option<&Ma
         &resized
     };
     let edge = predicted.map(|m| outline(&m.resize_nearest(w, h)));
-    let black = vec![0f32; image.plane_len()];
+    // only a channel-less image needs it; the others would pay for zeroing a whole plane
+    let black = if image.channels == 0 { vec![0f32; image.plane_len()] } else { Vec::new() };
     let planes = display_planes(image, &black);
     let mut out = RgbImage::new(w as u32, h as u32);
     for (i, pixel) in out.chunks_exact_mut(3).enumerate() {
