@@ -8,7 +8,7 @@
 //! A detection is a connected region (8-connected, as the benchmark counts false regions) of pixels
 //! with log10 NFA ≤ the level.
 
-use vigil_core::{Map, Result, VigilError};
+use vigil_core::{Map, Mask, Result, VigilError};
 
 /// What held-out normal images say about the threshold log10 NFA ≤ −K.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,37 +71,18 @@ impl NfaCalibration {
 }
 
 /// Number of 8-connected regions of pixels with value ≤ `level`.
-pub fn count_detections(log10_nfa: &Map, level: f64) -> usize {
-    let (w, h) = (log10_nfa.width, log10_nfa.height);
-    let detected: Vec<bool> = log10_nfa.data.iter().map(|&v| (v as f64) <= level).collect();
-    let mut seen = vec![false; w * h];
-    let mut regions = 0;
-    let mut stack = Vec::new();
-    for start in 0..w * h {
-        if !detected[start] || seen[start] {
-            continue;
-        }
-        regions += 1;
-        seen[start] = true;
-        stack.push(start);
-        while let Some(p) = stack.pop() {
-            for q in neighbours8(p, w, h) {
-                if detected[q] && !seen[q] {
-                    seen[q] = true;
-                    stack.push(q);
-                }
-            }
-        }
-    }
-    regions
+pub fn count_detections(log10_nfa: &Map, level: f64) -> Result<usize> {
+    let detected = log10_nfa.data.iter().map(|&v| (v as f64) <= level).collect();
+    vigil_metrics::count_regions(&Mask::new(log10_nfa.width, log10_nfa.height, detected)?)
 }
 
 /// Mean number of detections per image at `level`.
-pub fn false_detections_per_image(maps: &[Map], level: f64) -> f64 {
+pub fn false_detections_per_image(maps: &[Map], level: f64) -> Result<f64> {
     if maps.is_empty() {
-        return 0.0;
+        return Ok(0.0);
     }
-    maps.iter().map(|m| count_detections(m, level)).sum::<usize>() as f64 / maps.len() as f64
+    let detections = maps.iter().map(|m| count_detections(m, level)).sum::<Result<usize>>()?;
+    Ok(detections as f64 / maps.len() as f64)
 }
 
 /// Calibrates the level for a nominal rate of 10^−K false detections per image on the log10 NFA maps
@@ -141,9 +122,9 @@ pub fn calibrate(maps: &[Map], k: f64) -> Result<NfaCalibration> {
     Ok(NfaCalibration {
         k,
         images: maps.len(),
-        false_detections_at_theoretical: false_detections_per_image(maps, -k),
+        false_detections_at_theoretical: false_detections_per_image(maps, -k)?,
         calibrated_log10_nfa: calibrated,
-        false_detections_at_calibrated: false_detections_per_image(maps, calibrated),
+        false_detections_at_calibrated: false_detections_per_image(maps, calibrated)?,
     })
 }
 
@@ -213,10 +194,10 @@ mod tests {
     fn counts_eight_connected_regions_below_the_level() {
         let m = map_with_spots(&[(1, 1, -2.0), (3, 3, -1.0), (10, 10, -0.5)]);
         // the first two squares touch at a corner: one 8-connected region
-        assert_eq!(count_detections(&m, 0.0), 2);
-        assert_eq!(count_detections(&m, -1.5), 1);
-        assert_eq!(count_detections(&m, -3.0), 0);
-        assert_eq!(count_detections(&m, 3.0), 1);
+        assert_eq!(count_detections(&m, 0.0).unwrap(), 2);
+        assert_eq!(count_detections(&m, -1.5).unwrap(), 1);
+        assert_eq!(count_detections(&m, -3.0).unwrap(), 0);
+        assert_eq!(count_detections(&m, 3.0).unwrap(), 1);
     }
 
     #[test]
@@ -270,8 +251,8 @@ mod tests {
         for x in 4..6 {
             m.data[2 * 20 + x] = -1.0;
         }
-        assert_eq!(count_detections(&m, -2.0), 2);
-        assert_eq!(count_detections(&m, -1.0), 1);
+        assert_eq!(count_detections(&m, -2.0).unwrap(), 2);
+        assert_eq!(count_detections(&m, -1.0).unwrap(), 1);
         // at K = log10(1/1.5): 1.5 detections allowed in one image; the count is 2 on [−3, −1)
         let cal = calibrate(std::slice::from_ref(&m), -(1.5f64.log10())).unwrap();
         assert!(cal.calibrated_log10_nfa < -3.0, "{}", cal.calibrated_log10_nfa);
