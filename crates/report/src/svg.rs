@@ -67,6 +67,36 @@ impl Axis {
 }
 
 /// `id` keeps the clip path of each curve distinct within one page.
+/// The tick lines and labels of both axes of a plot area at `top` (`pw` × `ph` pixels from `LEFT`),
+/// shared by the curve plots and the histogram.
+fn grid_lines(
+    s: &mut String,
+    (xa, ya): (&Axis, &Axis),
+    (px, py): (&dyn Fn(f64) -> f64, &dyn Fn(f64) -> f64),
+    (top, pw, ph): (f64, f64, f64),
+) {
+    let (xd, yd) = (xa.decimals(), ya.decimals());
+    for t in xa.ticks() {
+        let x = px(t);
+        let _ = write!(
+            s,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#e1e4e8"/><text x="{x:.1}" y="{:.1}" class="tick" text-anchor="middle">{t:.xd$}</text>"##,
+            top + ph,
+            top + ph + 16.0
+        );
+    }
+    for t in ya.ticks() {
+        let y = py(t);
+        let _ = write!(
+            s,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e1e4e8"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{t:.yd$}</text>"##,
+            LEFT + pw,
+            LEFT - 6.0,
+            y + 4.0
+        );
+    }
+}
+
 pub(crate) fn curve_svg(curve: &Curve, id: usize) -> Result<String> {
     if let Some(i) = curve.points.iter().position(|(x, y)| !x.is_finite() || !y.is_finite()) {
         let (x, y) = curve.points[i];
@@ -112,26 +142,7 @@ pub(crate) fn curve_svg(curve: &Curve, id: usize) -> Result<String> {
             LEFT + pw - x0
         );
     }
-    let (xd, yd) = (xa.decimals(), ya.decimals());
-    for t in xa.ticks() {
-        let x = px(t);
-        let _ = write!(
-            s,
-            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#e1e4e8"/><text x="{x:.1}" y="{:.1}" class="tick" text-anchor="middle">{t:.xd$}</text>"##,
-            TOP + ph,
-            TOP + ph + 16.0
-        );
-    }
-    for t in ya.ticks() {
-        let y = py(t);
-        let _ = write!(
-            s,
-            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e1e4e8"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{t:.yd$}</text>"##,
-            LEFT + pw,
-            LEFT - 6.0,
-            y + 4.0
-        );
-    }
+    grid_lines(&mut s, (&xa, &ya), (&px, &py), (TOP, pw, ph));
     let _ = write!(
         s,
         r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#4a5160"/>"##
@@ -311,26 +322,7 @@ pub(crate) fn histogram_svg(
         );
         legend_x += 28.0 + 7.0 * label.chars().count() as f64;
     }
-    let (xd, yd) = (xa.decimals(), ya.decimals());
-    for t in xa.ticks() {
-        let x = px(t);
-        let _ = write!(
-            s,
-            r##"<line x1="{x:.1}" y1="{HIST_TOP}" x2="{x:.1}" y2="{:.1}" stroke="#e1e4e8"/><text x="{x:.1}" y="{:.1}" class="tick" text-anchor="middle">{t:.xd$}</text>"##,
-            HIST_TOP + ph,
-            HIST_TOP + ph + 16.0
-        );
-    }
-    for t in ya.ticks() {
-        let y = py(t);
-        let _ = write!(
-            s,
-            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e1e4e8"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{t:.yd$}</text>"##,
-            LEFT + pw,
-            LEFT - 6.0,
-            y + 4.0
-        );
-    }
+    grid_lines(&mut s, (&xa, &ya), (&px, &py), (HIST_TOP, pw, ph));
     for (serie, c) in series.iter().zip(&counts) {
         for (b, &count) in c.iter().enumerate().filter(|(_, &count)| count > 0) {
             let (x0, x1) = (px(lo + b as f64 * width), px(lo + (b + 1) as f64 * width));
