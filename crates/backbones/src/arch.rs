@@ -11,6 +11,30 @@ use crate::layers::{
 use crate::params::Params;
 use crate::BackboneKind;
 
+/// MobileNetV2's inverted residual stages after the stem: (expansion t, output channels c,
+/// repeats n, first stride s), as in the MobileNetV2 paper.
+pub(crate) const MOBILENET_V2_BLOCKS: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+];
+
+/// EfficientNet-Lite0's MBConv stages after the stem: (repeats, kernel, first stride, expansion,
+/// input channels, output channels).
+pub(crate) const EFFICIENTNET_LITE0_BLOCKS: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+];
+
 #[derive(Clone)]
 pub(crate) enum Block {
     Conv(ConvBn),
@@ -180,18 +204,8 @@ fn mobilenet_v2(params: &mut dyn Params, device: &Device) -> Result<Network> {
         block: Block::Conv(stem),
         branch: false,
     }];
-    // (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper.
-    let settings = [
-        (1, 16, 1, 1),
-        (6, 24, 2, 2),
-        (6, 32, 3, 2),
-        (6, 64, 4, 2),
-        (6, 96, 3, 1),
-        (6, 160, 3, 2),
-        (6, 320, 1, 1),
-    ];
     let (mut in_channels, mut total_stride) = (32, 2);
-    for (expansion, out_channels, repeats, first_stride) in settings {
+    for (expansion, out_channels, repeats, first_stride) in MOBILENET_V2_BLOCKS {
         for repeat in 0..repeats {
             let stride = if repeat == 0 { first_stride } else { 1 };
             total_stride *= stride;
@@ -242,19 +256,9 @@ fn efficientnet_lite0(params: &mut dyn Params, device: &Device) -> Result<Networ
         block: Block::Conv(stem),
         branch: false,
     }];
-    // (repeats, kernel, first stride, expansion, input channels, output channels).
-    let settings = [
-        (1, 3, 1, 1, 32, 16),
-        (2, 3, 2, 6, 16, 24),
-        (2, 5, 2, 6, 24, 40),
-        (3, 3, 2, 6, 40, 80),
-        (3, 5, 1, 6, 80, 112),
-        (4, 5, 2, 6, 112, 192),
-        (1, 3, 1, 6, 192, 320),
-    ];
     let mut total_stride = 2;
     let mut index = 0;
-    for (repeats, kernel, first_stride, expansion, first_in, out_channels) in settings {
+    for (repeats, kernel, first_stride, expansion, first_in, out_channels) in EFFICIENTNET_LITE0_BLOCKS {
         for repeat in 0..repeats {
             let (stride, in_channels) =
                 if repeat == 0 { (first_stride, first_in) } else { (1, out_channels) };

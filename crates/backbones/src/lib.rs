@@ -20,6 +20,14 @@
 //! network as burn tensor operations on that device. Both engines are checked against the same
 //! reference activations.
 //!
+//! # Trainable networks
+//!
+//! [`TrainableBackbone`] is the same CNN (up to a chosen layer) as a trainable burn module with
+//! the same PyTorch tensor names: convolutions and batch norms apart, batch statistics in
+//! training, randomly initialised or loaded from a pretrained state dict. It trains an STFPM
+//! student; its [`TrainableBackbone::state`] gives an inference network through
+//! [`Backbone::from_partial_state`].
+//!
 //! # CaiT and MS-CaiT
 //!
 //! [`Cait`] is a CaiT vision transformer (timm names: `patch_embed.proj`, `pos_embed`,
@@ -66,6 +74,7 @@ mod cait;
 mod kernels;
 mod layers;
 mod params;
+mod trainable;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -81,7 +90,8 @@ use vigil_core::{Image, Result, TensorBag, VigilError, WeightsFile};
 use crate::arch::Network;
 pub use crate::cait::{Cait, CaitConfig, MsCait, CAIT_M48_448, CAIT_S24_224};
 use crate::kernels::Nhwc;
-use crate::params::{Params, RandomParams, StateParams};
+use crate::params::{Params, PrefixParams, RandomParams, StateParams};
+pub use crate::trainable::{TrainableBackbone, TrainableConvBn};
 
 /// The supported backbones. Serialised in kebab-case (`mobilenet-v2`, `efficientnet-lite0`,
 /// `resnet18`, `resnet50`, `wide-resnet50-2`); parsed from either that or the torchvision
@@ -258,6 +268,25 @@ impl Backbone {
     /// Builds from an in-memory state dict with PyTorch names.
     pub fn from_state(kind: BackboneKind, state: &TensorBag, device: &Device) -> Result<Backbone> {
         Backbone::build(kind, &mut StateParams { bag: state, origin: None }, device)
+    }
+
+    /// Builds from a state that holds the network's tensors from the input up to some stage (as
+    /// [`TrainableBackbone::state`] gives them): features up to that stage are the state's; the
+    /// later stages and the classifier get seeded random weights and must not be used.
+    pub fn from_partial_state(kind: BackboneKind, state: &TensorBag, device: &Device) -> Result<Backbone> {
+        let mut params = PrefixParams {
+            bag: state,
+            fallback: RandomParams::new(0),
+            taken: Default::default(),
+            missing_since: None,
+        };
+        let backbone = Backbone::build(kind, &mut params, device)?;
+        if let Some(unread) = state.names().find(|n| !params.taken.contains(*n)) {
+            return Err(VigilError::Model(format!(
+                "tensor '{unread}' of the partial {kind} state has no place in the network"
+            )));
+        }
+        Ok(backbone)
     }
 
     /// Seeded random weights (torchvision-like initialisation) for tests without weight files.

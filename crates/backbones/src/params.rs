@@ -40,6 +40,33 @@ impl StateParams<'_> {
     }
 }
 
+/// The tensors of a state that covers the network from its input up to some stage (a trained
+/// [`crate::TrainableBackbone`]'s), the later ones seeded random: no feature up to that stage
+/// depends on them. The state must be exactly such a prefix of the order the network asks for
+/// its tensors in: a tensor found after the first missing one, or one never asked for, is an error.
+pub(crate) struct PrefixParams<'a> {
+    pub bag: &'a TensorBag,
+    pub fallback: RandomParams,
+    pub taken: std::collections::BTreeSet<String>,
+    pub missing_since: Option<String>,
+}
+
+impl Params for PrefixParams<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if self.bag.shape(name).is_err() {
+            self.missing_since.get_or_insert_with(|| name.to_string());
+            return self.fallback.take(name, shape);
+        }
+        if let Some(missing) = &self.missing_since {
+            return Err(VigilError::Model(format!(
+                "tensor '{name}' is in the partial state but '{missing}', which comes before it, is not"
+            )));
+        }
+        self.taken.insert(name.to_string());
+        StateParams { bag: self.bag, origin: None }.take(name, shape)
+    }
+}
+
 /// torchvision-like random initialisation. Batch-norm statistics are drawn away from the
 /// identity so that folding them into the convolutions is exercised by tests.
 pub(crate) struct RandomParams {

@@ -4,7 +4,9 @@
 //!     cargo run --release -p vigil-diffusion --example time_unet -- [preset] [train batch] [repeats]
 //!
 //! Defaults: preset `cpu`, batch 8, 3 repeats (after one warm-up each). The reconstruction is of
-//! one image, as a detector scores them.
+//! one image, as a detector scores them. The figures go to stderr as sentences and to stdout as
+//! one JSON line with the keys `bench/time_unet_torch.py` prints, which
+//! `benchmarks/diffusion_vs_torch/run.sh` compares.
 
 use std::time::Instant;
 
@@ -38,9 +40,9 @@ fn main() -> vigil_core::Result<()> {
     }
     let train_step = start.elapsed().as_secs_f64() / repeats as f64;
     let net = trainer.into_net();
-    println!(
-        "{preset}: {} parameters; training step (batch {batch}, {s} px): {train_step:.3} s (first {warm_up:.3} s)",
-        burn::module::Module::num_params(&net)
+    let parameters = burn::module::Module::num_params(&net);
+    eprintln!(
+        "{preset}: {parameters} parameters; training step (batch {batch}, {s} px): {train_step:.3} s (first {warm_up:.3} s)"
     );
 
     let device = vigil_nn::default_device();
@@ -64,9 +66,16 @@ fn main() -> vigil_core::Result<()> {
         run()?;
     }
     let per_reconstruction = start.elapsed().as_secs_f64() / repeats as f64;
-    println!(
+    eprintln!(
         "{preset}: one reconstruction ({} U-Net evaluations, 1 image): {per_reconstruction:.3} s",
         settings.steps()
+    );
+    let kernels = match vigil_nn::kernels::kernel_choice() {
+        vigil_nn::kernels::KernelChoice::Vigil => "vigil",
+        vigil_nn::kernels::KernelChoice::Burn => "burn",
+    };
+    println!(
+        "{{\"preset\": \"{preset}\", \"batch\": {batch}, \"parameters\": {parameters}, \"train_step_s\": {train_step:.4}, \"reconstruction_s\": {per_reconstruction:.4}, \"kernels\": \"{kernels}\"}}"
     );
     Ok(())
 }

@@ -14,14 +14,13 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::{avg_pool2d, interpolate};
-use burn::tensor::ops::{AvgPoolOptions, InterpolateMode, InterpolateOptions};
+use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use vigil_core::{Result, TensorBag, VigilError};
+use vigil_nn::kernels::{self, avg_pool2, conv1d, conv2d, group_norm_silu, scaled_softmax};
 use vigil_nn::{load_module, module_to_bag, tensor_from_vec};
 
 /// GroupNorm32 in `unet.py`: 32 groups everywhere, so every width must be a multiple of 32.
@@ -235,17 +234,6 @@ fn group_norm(channels: usize, device: &Device) -> GroupNorm {
     GroupNormConfig::new(GROUPS, channels).init(device)
 }
 
-/// Nearest-neighbour up-sampling by 2 (`F.interpolate(scale_factor=2, mode="nearest")`).
-fn upsample(x: Tensor<4>) -> Tensor<4> {
-    let [_, _, h, w] = x.dims();
-    interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]))
-}
-
-/// 2x2 average pooling with stride 2 (`Downsample(use_conv=False)`).
-fn downsample(x: Tensor<4>) -> Tensor<4> {
-    avg_pool2d(x, AvgPoolOptions::new([2, 2]))
-}
-
 /// `ResBlock`: GroupNorm, SiLU, (resample), conv; plus the projected time embedding; GroupNorm,
 /// SiLU, dropout, zero-initialised conv; plus the (1x1-projected when widths differ) input.
 #[derive(Module, Debug)]
@@ -279,24 +267,26 @@ impl ResBlock {
     /// `emb_act` is SiLU(time embedding): `embed_layers` starts with a SiLU that every block
     /// would apply to the same tensor, so the U-Net applies it once.
     fn forward(&self, x: Tensor<4>, emb_act: &Tensor<2>, dropout: Option<&mut DropoutNoise>) -> Tensor<4> {
-        let h = silu(self.in_norm.forward(x.clone()));
+        let h = group_norm_silu(&self.in_norm, x.clone());
+        // Nearest-neighbour up-sampling by 2 (`F.interpolate(scale_factor=2, mode="nearest")`)
+        // or 2x2 average pooling with stride 2 (`Downsample(use_conv=False)`).
         let (h, x) = if self.up {
-            (upsample(h), upsample(x))
+            (kernels::upsample_nearest2(h), kernels::upsample_nearest2(x))
         } else if self.down {
-            (downsample(h), downsample(x))
+            (avg_pool2(h), avg_pool2(x))
         } else {
             (h, x)
         };
-        let h = self.in_conv.forward(h);
+        let h = conv2d(&self.in_conv, h);
         let [b, c, _, _] = h.dims();
         let h = h + self.embed.forward(emb_act.clone()).reshape([b, c, 1, 1]);
-        let mut h = silu(self.out_norm.forward(h));
+        let mut h = group_norm_silu(&self.out_norm, h);
         if let Some(noise) = dropout.filter(|_| self.dropout > 0.0) {
             h = noise.apply(h, self.dropout);
         }
-        let h = self.out_conv.forward(h);
+        let h = conv2d(&self.out_conv, h);
         match &self.skip_connection {
-            Some(conv) => conv.forward(x) + h,
+            Some(conv) => conv2d(conv, x) + h,
             None => x + h,
         }
     }
@@ -326,19 +316,19 @@ impl AttentionBlock {
         let [b, c, height, width] = x.dims();
         let length = height * width;
         let x = x.reshape([b, c, length]);
-        let qkv = self.to_qkv.forward(self.norm.forward(x.clone()));
+        let qkv = conv1d(&self.to_qkv, kernels::group_norm(&self.norm, x.clone()));
         let ch = c / self.heads;
         let qkv = qkv.reshape([b * self.heads, 3 * ch, length]);
-        // Both q and k are scaled by ch^(-1/4) rather than the product by ch^(-1/2), as the
-        // reference does (it is steadier in half precision).
-        let scale = 1.0 / (ch as f64).sqrt().sqrt();
-        let q = qkv.clone().narrow(1, 0, ch).mul_scalar(scale);
-        let k = qkv.clone().narrow(1, ch, ch).mul_scalar(scale);
+        let q = qkv.clone().narrow(1, 0, ch);
+        let k = qkv.clone().narrow(1, ch, ch);
         let v = qkv.narrow(1, 2 * ch, ch);
-        // weight[t, s] = sum_c q[c, t] k[c, s]; softmax over s; a[c, t] = sum_s weight[t, s] v[c, s].
-        let weight = softmax(q.swap_dims(1, 2).matmul(k), 2);
+        // weight[t, s] = sum_c q[c, t] k[c, s] / sqrt(ch); softmax over s;
+        // a[c, t] = sum_s weight[t, s] v[c, s]. The reference scales q and k by ch^(-1/4) each
+        // (steadier in half precision); in f32 scaling the product inside the softmax kernel
+        // is the same to rounding and saves two passes.
+        let weight = scaled_softmax(q.swap_dims(1, 2).matmul(k), 1.0 / (ch as f64).sqrt());
         let attended = v.matmul(weight.swap_dims(1, 2)).reshape([b, c, length]);
-        (x + self.proj_out.forward(attended)).reshape([b, c, height, width])
+        (x + conv1d(&self.proj_out, attended)).reshape([b, c, height, width])
     }
 }
 
@@ -361,7 +351,7 @@ impl Stage {
         mut dropout: Option<&mut DropoutNoise>,
     ) -> Tensor<4> {
         if let Some(conv) = &self.conv {
-            h = conv.forward(h);
+            h = conv2d(conv, h);
         }
         if let Some(res) = &self.res {
             h = res.forward(h, emb_act, dropout.as_deref_mut());
@@ -510,7 +500,7 @@ impl UNet {
             let skip = skips.pop().expect("one skip per down stage");
             h = stage.forward(Tensor::cat(vec![h, skip], 1), &emb_act, dropout.as_deref_mut());
         }
-        self.out_conv.forward(silu(self.out_norm.forward(h)))
+        conv2d(&self.out_conv, group_norm_silu(&self.out_norm, h))
     }
 
     /// The PyTorch `state_dict` name of a parameter named `burn_name` by [`module_to_bag`].

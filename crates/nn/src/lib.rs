@@ -4,8 +4,10 @@
 //! exact-resume checkpoints and a small training loop.
 //!
 //! Layers (Conv2d, BatchNorm, pooling, interpolation, activations) are burn's own; they are
-//! re-exported here so methods depend on one engine crate. [`kernels`] runs convolutions and
-//! BatchNorm + activation on the CPU by vigil's own training kernels, as burn operations.
+//! re-exported here so methods depend on one engine crate. [`kernels`] runs convolutions
+//! (plain, depthwise, transposed, pointwise 1-D), BatchNorm + activation, GroupNorm (+ SiLU),
+//! scaled softmax, nearest up-sampling and 2x2 average pooling on the CPU by vigil's own
+//! training kernels, as burn operations.
 //!
 //! [`TensorBag`]: vigil_core::TensorBag
 

@@ -14,11 +14,21 @@ pub struct OptimizerSettings {
     pub beta1: f32,
     pub beta2: f32,
     pub epsilon: f32,
+    /// AMSGrad: divide by the running maximum of the second moment (PyTorch `amsgrad=True`).
+    #[serde(default)]
+    pub amsgrad: bool,
 }
 
 impl Default for OptimizerSettings {
     fn default() -> Self {
-        OptimizerSettings { decoupled: false, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, epsilon: 1e-8 }
+        OptimizerSettings {
+            decoupled: false,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            amsgrad: false,
+        }
     }
 }
 
@@ -30,6 +40,7 @@ impl OptimizerSettings {
                 .with_beta_2(self.beta2)
                 .with_epsilon(self.epsilon)
                 .with_weight_decay(self.weight_decay)
+                .with_amsgrad(self.amsgrad)
                 .init()
         } else {
             AdamConfig::new()
@@ -39,6 +50,7 @@ impl OptimizerSettings {
                 .with_weight_decay(
                     (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay)),
                 )
+                .with_amsgrad(self.amsgrad)
                 .init()
         }
     }

@@ -12,10 +12,24 @@
 
 use std::path::PathBuf;
 
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use vigil_core::{DataFingerprint, Result, VigilError};
 
 use crate::checkpoint::Checkpoint;
+
+/// The order in which epoch `epoch` of a fit with `seed` visits `images` training images (batches
+/// are consecutive runs of it): a pure function of its arguments, so a resumed run draws the same
+/// batches and a peer implementation can be fed the same ones.
+pub fn epoch_order(seed: u64, epoch: usize, images: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch as u64);
+    let mut order: Vec<usize> = (0..images).collect();
+    order.shuffle(&mut rng);
+    order
+}
 
 pub trait TrainTask {
     /// Run optimiser step `step` (0-based) and return its training loss.

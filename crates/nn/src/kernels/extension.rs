@@ -12,11 +12,14 @@ use burn::backend::ops::ModuleOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::TensorMetadata;
 use burn::backend::{backend_extension, AutodiffBackend, Backend, Flex};
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::{DType, TensorData};
 
 use super::conv::{self, ConvGeometry};
+use super::conv_transpose::{self, TransposedShape};
+use super::group_norm::{self, GroupMoments, GroupShape};
 use super::norm::{self, BatchMoments, NormShape};
+use super::{resample, softmax};
 
 /// Operations with a faster CPU implementation than the backend's own.
 #[backend_extension(Flex, Autodiff)]
@@ -47,6 +50,44 @@ pub trait TrainingKernels: Backend {
         epsilon: f64,
         slope: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The same as burn's `conv_transpose2d` (NCHW input, `[in, out / groups, kh, kw]`
+    /// weight) without a bias.
+    fn fast_conv_transpose2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvTransposeOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// The same as burn's `conv_transpose2d` with a bias.
+    fn fast_conv_transpose2d_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvTransposeOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// GroupNorm with `groups` groups and per-channel gamma and beta over `[batch, channels,
+    /// ...]`, followed by SiLU when `silu`. f32 only, channels a multiple of `groups`, no empty
+    /// axis: the layer functions ([`super::group_norm`], [`super::group_norm_silu`]) check that before calling.
+    fn fast_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        silu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `softmax(scale · x)` over the last axis (f32, no empty axis, scale > 0).
+    fn fast_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+
+    /// Nearest-neighbour up-sampling of an NCHW f32 tensor by 2 along both image axes.
+    fn fast_upsample_nearest2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// 2x2 average pooling with stride 2 of an NCHW f32 tensor (an odd last row or column left
+    /// out, as `avg_pool2d` without padding does).
+    fn fast_avg_pool2(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The shapes of a convolution the kernels handle: f32, and one group or one filter per channel
@@ -139,6 +180,103 @@ fn flex_conv2d(
     tensor(out, [g.batch, g.out_channels, g.out_h, g.out_w])
 }
 
+/// The geometry of a transposed convolution the kernels handle (f32, one group); `None` sends
+/// it to burn-flex's own operation.
+fn transposed_geometry(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    options: &ConvTransposeOptions<2>,
+) -> Option<ConvGeometry> {
+    let (xs, ws) = (x.shape(), weight.shape());
+    let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+    if !f32s || options.groups != 1 || xs.num_dims() != 4 || ws.num_dims() != 4 {
+        return None;
+    }
+    TransposedShape {
+        input: [xs[0], xs[1], xs[2], xs[3]],
+        weight: [ws[0], ws[1], ws[2], ws[3]],
+        stride: options.stride,
+        padding: options.padding,
+        padding_out: options.padding_out,
+        dilation: options.dilation,
+    }
+    .geometry()
+}
+
+/// The transposed convolution on flex, with or without a bias.
+fn flex_conv_transpose2d(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: ConvTransposeOptions<2>,
+) -> FlexTensor {
+    let Some(g) = transposed_geometry(&x, &weight, &options) else {
+        return Flex::conv_transpose2d(x, weight, bias, options);
+    };
+    let (x, weight, bias) = (values(&x), values(&weight), bias.as_ref().map(values));
+    let out = conv_transpose::forward(&g, slice(&x), slice(&weight), bias.as_ref().map(slice));
+    tensor(out, [g.batch, g.in_channels, g.in_h, g.in_w])
+}
+
+/// `[batch, channels, pixels, groups]` of a tensor [`TrainingKernels::fast_group_norm`] takes.
+fn group_shape(x: &FlexTensor, groups: usize) -> GroupShape {
+    let shape = x.shape();
+    assert!(
+        x.dtype() == DType::F32 && shape.num_dims() >= 3 && groups > 0 && shape[1].is_multiple_of(groups),
+        "vigil's group norm takes f32 [batch, channels, ...] with channels a multiple of the groups"
+    );
+    GroupShape {
+        batch: shape[0],
+        channels: shape[1],
+        pixels: shape.num_elements() / (shape[0] * shape[1]).max(1),
+        groups,
+    }
+}
+
+/// The fused group norm on flex, with the statistics its backward pass reuses.
+fn flex_group_norm(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    (groups, epsilon, silu): (usize, f64, bool),
+) -> (FlexTensor, GroupShape, GroupMoments) {
+    let s = group_shape(x, groups);
+    let (xv, gamma, beta) = (values(x), values(gamma), values(beta));
+    let (out, moments) = group_norm::forward(&s, slice(&xv), (slice(&gamma), slice(&beta)), epsilon, silu);
+    (FlexTensor::from_data(TensorData::new(out, x.shape())), s, moments)
+}
+
+/// The length of the last axis of a tensor [`TrainingKernels::fast_softmax`] takes.
+fn softmax_row(x: &FlexTensor) -> usize {
+    let shape = x.shape();
+    let row = shape[shape.num_dims() - 1];
+    assert!(x.dtype() == DType::F32 && row > 0, "vigil's softmax takes f32 rows of at least one value");
+    row
+}
+
+fn flex_softmax(x: &FlexTensor, scale: f64) -> FlexTensor {
+    let row = softmax_row(x);
+    let out = softmax::forward(slice(&values(x)), row, scale as f32);
+    FlexTensor::from_data(TensorData::new(out, x.shape()))
+}
+
+/// `[batch, channels, h, w]` of an NCHW f32 tensor the resampling kernels take.
+fn image_dims(x: &FlexTensor) -> [usize; 4] {
+    let shape = x.shape();
+    assert!(x.dtype() == DType::F32 && shape.num_dims() == 4, "vigil's resampling takes f32 NCHW tensors");
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+fn flex_upsample_nearest2(x: &FlexTensor) -> FlexTensor {
+    let [n, c, h, w] = image_dims(x);
+    tensor(resample::upsample_nearest2(slice(&values(x)), [h, w]), [n, c, 2 * h, 2 * w])
+}
+
+fn flex_avg_pool2(x: &FlexTensor) -> FlexTensor {
+    let [n, c, h, w] = image_dims(x);
+    tensor(resample::avg_pool2(slice(&values(x)), [h, w]), [n, c, h / 2, w / 2])
+}
+
 impl TrainingKernels for Flex {
     fn fast_conv2d(x: FlexTensor, weight: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
         flex_conv2d(x, weight, None, options)
@@ -169,6 +307,209 @@ impl TrainingKernels for Flex {
         let (out, mean, variance) =
             norm::forward(&s, slice(&x), slice(&gamma), slice(&beta), epsilon, slope as f32);
         (FlexTensor::from_data(TensorData::new(out, shape)), vector(mean), vector(variance))
+    }
+
+    fn fast_conv_transpose2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        options: ConvTransposeOptions<2>,
+    ) -> FlexTensor {
+        flex_conv_transpose2d(x, weight, None, options)
+    }
+
+    fn fast_conv_transpose2d_bias(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        options: ConvTransposeOptions<2>,
+    ) -> FlexTensor {
+        flex_conv_transpose2d(x, weight, Some(bias), options)
+    }
+
+    fn fast_group_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        groups: usize,
+        epsilon: f64,
+        silu: bool,
+    ) -> FlexTensor {
+        flex_group_norm(&x, &gamma, &beta, (groups, epsilon, silu)).0
+    }
+
+    fn fast_softmax(x: FlexTensor, scale: f64) -> FlexTensor {
+        flex_softmax(&x, scale)
+    }
+
+    fn fast_upsample_nearest2(x: FlexTensor) -> FlexTensor {
+        flex_upsample_nearest2(&x)
+    }
+
+    fn fast_avg_pool2(x: FlexTensor) -> FlexTensor {
+        flex_avg_pool2(&x)
+    }
+}
+
+/// Backward of a transposed convolution: parents input, weight and, for `PARENTS` = 3, bias.
+#[derive(Debug)]
+struct ConvTranspose2dBackward<const PARENTS: usize>;
+
+impl<const PARENTS: usize> Backward<Flex, PARENTS> for ConvTranspose2dBackward<PARENTS> {
+    type State = (NodeId, NodeId, ConvTransposeOptions<2>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, PARENTS>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = values(&grads.consume::<Flex>(&ops.node));
+        let (x, weight, options) = ops.state;
+        let x = values(&checkpointer.retrieve_node_output::<FlexTensor>(x));
+        let weight = values(&checkpointer.retrieve_node_output::<FlexTensor>(weight));
+        let g =
+            transposed_geometry(&x, &weight, &options).expect("a transposed convolution the kernels handle");
+        let parents = ops.parents;
+        if let Some(node) = &parents[0] {
+            let dx = conv_transpose::input_grad(&g, slice(&weight), slice(&grad));
+            grads.register::<Flex>(node.id, tensor(dx, [g.batch, g.out_channels, g.out_h, g.out_w]));
+        }
+        if let Some(node) = &parents[1] {
+            let dw = conv_transpose::weight_grad(&g, slice(&x), slice(&grad));
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, weight.shape())));
+        }
+        if let Some(Some(node)) = parents.get(2) {
+            grads.register::<Flex>(node.id, vector(conv_transpose::bias_grad(&g, slice(&grad))));
+        }
+    }
+}
+
+/// The transposed convolution recorded for autodiff: vigil's backward where
+/// [`transposed_geometry`] accepts it, burn's own operation otherwise.
+fn autodiff_conv_transpose2d<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    weight: FloatTensor<Autodiff<Flex, C>>,
+    bias: Option<FloatTensor<Autodiff<Flex, C>>>,
+    options: ConvTransposeOptions<2>,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    if transposed_geometry(x.primitive(), weight.primitive(), &options).is_none() {
+        return Autodiff::<Flex, C>::conv_transpose2d(x, weight, bias, options);
+    }
+    let compute = |x: FloatTensor<Autodiff<Flex, C>>,
+                   weight: FloatTensor<Autodiff<Flex, C>>,
+                   bias: Option<FloatTensor<Autodiff<Flex, C>>>| {
+        flex_conv_transpose2d(
+            x.into_primitive(),
+            weight.into_primitive(),
+            bias.map(|b| b.into_primitive()),
+            options.clone(),
+        )
+    };
+    match bias {
+        Some(bias) => {
+            match ConvTranspose2dBackward::<3>
+                .prepare::<C>([x.node(), weight.node(), bias.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(mut prep) => {
+                    let state = (prep.checkpoint(&x), prep.checkpoint(&weight), options.clone());
+                    prep.finish(state, compute(x, weight, Some(bias)))
+                }
+                OpsKind::UnTracked(prep) => prep.finish(compute(x, weight, Some(bias))),
+            }
+        }
+        None => match ConvTranspose2dBackward::<2>
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), options.clone());
+                prep.finish(state, compute(x, weight, None))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(compute(x, weight, None)),
+        },
+    }
+}
+
+/// Backward of the fused group norm + activation: parents input, gamma, beta.
+#[derive(Debug)]
+struct GroupNormAct;
+
+impl Backward<Flex, 3> for GroupNormAct {
+    /// Input, gamma, beta, the shape, the group statistics, SiLU or not.
+    type State = (NodeId, NodeId, NodeId, GroupShape, GroupMoments, bool);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = values(&grads.consume::<Flex>(&ops.node));
+        let (x, gamma, beta, s, moments, silu) = ops.state;
+        let x = values(&checkpointer.retrieve_node_output::<FlexTensor>(x));
+        let gamma = values(&checkpointer.retrieve_node_output::<FlexTensor>(gamma));
+        let beta = values(&checkpointer.retrieve_node_output::<FlexTensor>(beta));
+        let (dx, dgamma, dbeta) =
+            group_norm::backward(&s, slice(&x), (slice(&gamma), slice(&beta)), &moments, silu, slice(&grad));
+        let dx = FlexTensor::from_data(TensorData::new(dx, x.shape()));
+        for (node, grad) in
+            [node_x, node_gamma, node_beta].into_iter().zip([dx, vector(dgamma), vector(dbeta)])
+        {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// Backward of the scaled softmax: its output and scale are the state.
+#[derive(Debug)]
+struct Softmax;
+
+impl Backward<Flex, 1> for Softmax {
+    type State = (FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = values(&grads.consume::<Flex>(&ops.node));
+        let (y, scale) = ops.state;
+        if let Some(node) = ops.parents[0].clone() {
+            let row = softmax_row(&y);
+            let dx = softmax::backward(slice(&y), slice(&grad), row, scale as f32);
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, y.shape())));
+        }
+    }
+}
+
+/// Backward of the nearest up-sampling by 2: the input's dims are the state.
+#[derive(Debug)]
+struct UpsampleNearest2;
+
+impl Backward<Flex, 1> for UpsampleNearest2 {
+    type State = [usize; 4];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = values(&grads.consume::<Flex>(&ops.node));
+        let [n, c, h, w] = ops.state;
+        if let Some(node) = ops.parents[0].clone() {
+            let dx = resample::upsample_nearest2_backward(slice(&grad), [h, w]);
+            grads.register::<Flex>(node.id, tensor(dx, [n, c, h, w]));
+        }
+    }
+}
+
+/// Backward of the 2x2 average pooling: the input's dims are the state.
+#[derive(Debug)]
+struct AvgPool2;
+
+impl Backward<Flex, 1> for AvgPool2 {
+    type State = [usize; 4];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = values(&grads.consume::<Flex>(&ops.node));
+        let [n, c, h, w] = ops.state;
+        if let Some(node) = ops.parents[0].clone() {
+            let dx = resample::avg_pool2_backward(slice(&grad), [h, w]);
+            grads.register::<Flex>(node.id, tensor(dx, [n, c, h, w]));
+        }
     }
 }
 
@@ -379,6 +720,71 @@ impl<C: CheckpointStrategy> TrainingKernels for Autodiff<Flex, C> {
                 );
                 (prep.finish(out), untracked(mean), untracked(variance))
             }
+        }
+    }
+
+    fn fast_conv_transpose2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvTransposeOptions<2>,
+    ) -> FloatTensor<Self> {
+        autodiff_conv_transpose2d::<C>(x, weight, None, options)
+    }
+
+    fn fast_conv_transpose2d_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvTransposeOptions<2>,
+    ) -> FloatTensor<Self> {
+        autodiff_conv_transpose2d::<C>(x, weight, Some(bias), options)
+    }
+
+    fn fast_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let settings = (groups, epsilon, silu);
+        match GroupNormAct.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let inputs = (prep.checkpoint(&x), prep.checkpoint(&gamma), prep.checkpoint(&beta));
+                let (out, s, moments) =
+                    flex_group_norm(x.primitive(), gamma.primitive(), beta.primitive(), settings);
+                prep.finish((inputs.0, inputs.1, inputs.2, s, moments, silu), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(flex_group_norm(x.primitive(), gamma.primitive(), beta.primitive(), settings).0)
+            }
+        }
+    }
+
+    fn fast_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        match Softmax.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = flex_softmax(x.primitive(), scale);
+                prep.finish((out.clone(), scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(flex_softmax(x.primitive(), scale)),
+        }
+    }
+
+    fn fast_upsample_nearest2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let dims = image_dims(x.primitive());
+        match UpsampleNearest2.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(dims, flex_upsample_nearest2(x.primitive())),
+            OpsKind::UnTracked(prep) => prep.finish(flex_upsample_nearest2(x.primitive())),
+        }
+    }
+
+    fn fast_avg_pool2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let dims = image_dims(x.primitive());
+        match AvgPool2.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(dims, flex_avg_pool2(x.primitive())),
+            OpsKind::UnTracked(prep) => prep.finish(flex_avg_pool2(x.primitive())),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! vigil's own CPU training kernels for layers burn-flex runs slowly, as burn operations with
 //! their backward passes, so networks stay burn modules.
 //!
-//! A network calls the layer functions here ([`conv2d`]) instead of the module's `forward`. On
+//! A network calls the layer functions here ([`conv2d`], [`conv_transpose2d`], [`conv1d`],
+//! [`batch_norm_act`], [`group_norm_silu`], [`scaled_softmax`], ...) with burn's own layer
+//! instead of the layer's `forward`. On
 //! the flex CPU backend (with or without autodiff) and f32 they run vigil's kernels, reached
 //! through burn's backend-extension mechanism ([`TrainingKernels`]); on any other backend, for
 //! other float types, or when [`KernelChoice::Burn`] is chosen, they call burn's own operation,
@@ -12,18 +14,26 @@
 //! kernels out), and [`with_kernels`] chooses for the layer calls made on the current thread.
 
 mod conv;
+mod conv_transpose;
 mod depthwise;
 mod extension;
+mod group_norm;
+mod math;
 mod norm;
+mod resample;
+mod softmax;
 
 use std::cell::Cell;
 use std::sync::OnceLock;
 
 use burn::backend::{Dispatch, DispatchDevice};
-use burn::nn::conv::Conv2d;
-use burn::nn::{BatchNorm, PaddingConfig2d};
-use burn::tensor::activation::{leaky_relu, relu};
-use burn::tensor::ops::ConvOptions;
+use burn::nn::conv::{Conv1d, Conv2d, ConvTranspose2d};
+use burn::nn::{BatchNorm, GroupNorm, PaddingConfig1d, PaddingConfig2d};
+use burn::tensor::activation::{leaky_relu, relu, silu, softmax};
+use burn::tensor::module::{avg_pool2d, interpolate};
+use burn::tensor::ops::{
+    AvgPoolOptions, ConvOptions, ConvTransposeOptions, InterpolateMode, InterpolateOptions,
+};
 use burn::tensor::{DType, Tensor};
 
 pub use extension::TrainingKernels;
@@ -169,6 +179,125 @@ pub fn batch_norm_act(bn: &BatchNorm, x: Tensor<4>, slope: f64) -> Tensor<4> {
     bn.running_var
         .update(running_var.mul_scalar(1.0 - momentum).add(variance.detach().mul_scalar(momentum)).detach());
     Tensor::from_dispatch(out)
+}
+
+/// `conv.forward(x)` for a transposed convolution, by vigil's kernels where they apply (one
+/// group; others take burn's operation).
+pub fn conv_transpose2d(conv: &ConvTranspose2d, x: Tensor<4>) -> Tensor<4> {
+    let options =
+        ConvTransposeOptions::new(conv.stride, conv.padding, conv.padding_out, conv.dilation, conv.groups);
+    conv_transpose2d_with(x, conv.weight.val(), conv.bias.as_ref().map(|bias| bias.val()), options)
+}
+
+/// burn's `module::conv_transpose2d(x, weight, bias, options)`, by vigil's kernels where they
+/// apply.
+pub fn conv_transpose2d_with(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvTransposeOptions<2>,
+) -> Tensor<4> {
+    if !vigil_kernels_take(&x) {
+        return burn::tensor::module::conv_transpose2d(x, weight, bias, options);
+    }
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        Some(bias) => <Dispatch as TrainingKernels>::fast_conv_transpose2d_bias(
+            x,
+            weight,
+            bias.into_dispatch(),
+            options,
+        ),
+        None => <Dispatch as TrainingKernels>::fast_conv_transpose2d(x, weight, options),
+    })
+}
+
+/// `conv.forward(x)` for a 1-D convolution; pointwise ones (kernel 1, stride 1, no padding, one
+/// group, as attention's qkv and output projections) by vigil's kernels where they apply, as a
+/// 1x1 convolution over `[batch, channels, length, 1]`.
+pub fn conv1d(conv: &Conv1d, x: Tensor<3>) -> Tensor<3> {
+    let unpadded = match conv.padding {
+        PaddingConfig1d::Valid | PaddingConfig1d::Same => true,
+        PaddingConfig1d::Explicit(left, right) => left == 0 && right == 0,
+    };
+    let pointwise = conv.kernel_size == 1 && conv.stride == 1 && conv.groups == 1 && unpadded;
+    if !pointwise || !vigil_kernels_take(&x) {
+        return conv.forward(x);
+    }
+    let [batch, channels, length] = x.dims();
+    let weight = conv.weight.val();
+    let [outputs, inputs, _] = weight.dims();
+    let out = conv2d_with(
+        x.reshape([batch, channels, length, 1]),
+        weight.reshape([outputs, inputs, 1, 1]),
+        conv.bias.as_ref().map(|bias| bias.val()),
+        ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
+    );
+    out.reshape([batch, outputs, length])
+}
+
+/// `gn.forward(x)`, by vigil's fused kernel where it applies (an affine GroupNorm on an f32
+/// flex tensor without empty axes).
+pub fn group_norm<const D: usize>(gn: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+    group_norm_act(gn, x, false)
+}
+
+/// `silu(gn.forward(x))`, by one fused vigil kernel where it applies.
+pub fn group_norm_silu<const D: usize>(gn: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+    group_norm_act(gn, x, true)
+}
+
+fn group_norm_act<const D: usize>(gn: &GroupNorm, x: Tensor<D>, with_silu: bool) -> Tensor<D> {
+    let dims = x.dims();
+    let takes = D >= 3
+        && !dims.contains(&0)
+        && dims[1] == gn.num_channels
+        && gn.num_groups > 0
+        && dims[1].is_multiple_of(gn.num_groups)
+        && vigil_kernels_take(&x);
+    let (Some(gamma), Some(beta), true) = (gn.gamma.as_ref(), gn.beta.as_ref(), takes) else {
+        let y = gn.forward(x);
+        return if with_silu { silu(y) } else { y };
+    };
+    Tensor::from_dispatch(<Dispatch as TrainingKernels>::fast_group_norm(
+        x.into_dispatch(),
+        gamma.val().into_dispatch(),
+        beta.val().into_dispatch(),
+        gn.num_groups,
+        gn.epsilon,
+        with_silu,
+    ))
+}
+
+/// `softmax(x · scale, D − 1)`: the softmax over the last axis of the scaled input, by one vigil
+/// kernel (forward and backward) where it applies.
+pub fn scaled_softmax<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
+    let takes = x.dims()[D - 1] > 0 && scale.is_finite() && scale > 0.0 && vigil_kernels_take(&x);
+    if !takes {
+        return softmax(x.mul_scalar(scale), D - 1);
+    }
+    Tensor::from_dispatch(<Dispatch as TrainingKernels>::fast_softmax(x.into_dispatch(), scale))
+}
+
+/// Nearest-neighbour up-sampling by 2 (`interpolate` to twice the size, nearest), by vigil's
+/// kernels where they apply.
+pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    if x.dims().contains(&0) || !vigil_kernels_take(&x) {
+        let options = InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]);
+        return interpolate(x, options);
+    }
+    Tensor::from_dispatch(<Dispatch as TrainingKernels>::fast_upsample_nearest2(x.into_dispatch()))
+}
+
+/// 2x2 average pooling with stride 2 (`avg_pool2d` with a 2x2 kernel), by vigil's kernels where
+/// they apply.
+pub fn avg_pool2(x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    if h < 2 || w < 2 || x.dims().contains(&0) || !vigil_kernels_take(&x) {
+        return avg_pool2d(x, AvgPoolOptions::new([2, 2]));
+    }
+    Tensor::from_dispatch(<Dispatch as TrainingKernels>::fast_avg_pool2(x.into_dispatch()))
 }
 
 #[cfg(test)]
