@@ -2,27 +2,19 @@
 //! LayerNorm and an independent 2D flow per scale trained by maximum likelihood on normal
 //! images, and the likelihood anomaly map.
 
-use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use burn::tensor::{Tensor, TensorData};
 use vigil_backbones::Backbone;
 use vigil_core::{
     ChannelMode, DataFingerprint, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput,
     TensorBag, VigilError,
 };
-use vigil_flow::{kept_positions, nll_loss};
-use vigil_nn::train::{run_training, LoopConfig, TrainTask};
-use vigil_nn::{
-    adam, default_device, optimizer_bytes, restore_optimizer, stable_param_ids, training_device, Checkpoint,
-};
+pub use vigil_flow::TrainingFeatures;
+use vigil_flow::{extract_training_features, train_flow, FlowFit, TrainableFlow};
+use vigil_nn::default_device;
 
 use crate::model::FastflowModel;
 use crate::settings::{FastflowSettings, FastflowSpec};
 
-/// The checkpoint's file name inside `FitContext::checkpoint_dir`.
-const CHECKPOINT_FILE: &str = "fastflow-train.ckpt";
 /// Images per backbone call while extracting the training features.
 const EXTRACT_CHUNK: usize = 8;
 
@@ -60,20 +52,6 @@ impl Features {
         let maps = self.backbone.extract(images, &settings.layers, size)?;
         Ok(maps.into_iter().map(|per_scale| per_scale.into_iter().map(|m| m.data).collect()).collect())
     }
-}
-
-fn batch_tensor(
-    images: &[&Vec<Vec<f32>>],
-    scale: usize,
-    shape: (usize, usize),
-    device: &Device,
-) -> Tensor<4> {
-    let (channels, side) = shape;
-    let mut data = Vec::with_capacity(images.len() * channels * side * side);
-    for image in images {
-        data.extend_from_slice(&image[scale]);
-    }
-    Tensor::from_data(TensorData::new(data, [images.len(), channels, side, side]), device)
 }
 
 fn tensor_values(t: Tensor<4>) -> Vec<f32> {
@@ -128,21 +106,9 @@ impl FastflowDetector {
     }
 }
 
-/// Training features: `values[i][scale]` channel-major, shapes (channels, side) per scale, and
-/// optionally per image and scale the weight of each position in the loss (0 where the ignore
-/// mask touches the position's cell, 1 elsewhere).
-pub struct TrainingFeatures<'a> {
-    pub values: &'a [Vec<Vec<f32>>],
-    pub shapes: &'a [(usize, usize)],
-    pub position_weights: Option<&'a [Vec<Vec<f32>>]>,
-}
-
-/// Trains FastFlow's norms and flows on raw backbone features. Returns the inference-side model
-/// and the mean loss of each epoch. With a checkpoint folder in `ctx`, the state is written every
-/// `checkpoint_every` steps and a later call with the same folder resumes from it exactly; with
-/// `session_limit`, the session stops (after writing a checkpoint) once that many steps are done
-/// in total, returning [`VigilError::Interrupted`]. `training_set` is recorded in the checkpoint so
-/// that a resume on other images is refused.
+/// Trains FastFlow's norms and flows on raw backbone features ([`train_flow`] with anomalib's
+/// loss and a constant learning rate). Returns the inference-side model and the mean loss per
+/// image of each epoch. `session_limit` and `training_set` as [`train_flow`].
 pub fn train_fastflow(
     settings: &FastflowSettings,
     data: &TrainingFeatures,
@@ -151,184 +117,34 @@ pub fn train_fastflow(
     training_set: Option<DataFingerprint>,
 ) -> Result<(FastflowModel, Vec<f32>)> {
     settings.validate()?;
-    let (images, shapes) = (data.values, data.shapes);
-    if images.is_empty() {
-        return Err(VigilError::invalid("fastflow: no training images"));
-    }
-    let matches = |v: &[Vec<f32>], per_position: usize| {
-        v.len() == shapes.len()
-            && v.iter().zip(shapes).all(|(d, (c, s))| d.len() == (*c).min(per_position) * s * s)
+    let shapes = data.shapes;
+    let fit = FlowFit {
+        method: "fastflow",
+        settings: serde_json::to_value(FastflowSpec::complete(settings))
+            .map_err(|e| VigilError::Model(format!("fastflow settings: {e}")))?,
+        epochs: settings.epochs,
+        batch_size: settings.batch_size,
+        checkpoint_every: settings.checkpoint_every,
+        weight_decay: settings.weight_decay as f32,
+        learning_rate: &|_, _| settings.learning_rate,
+        // anomalib's FastflowLoss, Σ_l mean_b(½‖z_l‖² − log|det J_l|), equals the batch mean of
+        // the per-sample sums since the mean is linear.
+        z_weight: &|_| 1.0,
     };
-    if let Some(i) = images.iter().position(|image| !matches(image, usize::MAX)) {
-        return Err(VigilError::invalid(format!(
-            "fastflow: features of training image {i} do not match the scales"
-        )));
-    }
-    if let Some(weights) = data.position_weights {
-        if weights.len() != images.len() || !weights.iter().all(|w| matches(w, 1)) {
-            return Err(VigilError::invalid("fastflow: position weights do not match the training features"));
-        }
-    }
-    let checkpoint_path = ctx.checkpoint_dir.as_ref().map(|d| d.join(CHECKPOINT_FILE));
-    if session_limit.is_some() && checkpoint_path.is_none() {
-        return Err(VigilError::Config(
-            "a session step limit needs a checkpoint folder to resume from".into(),
-        ));
-    }
-    let resume = match &checkpoint_path {
-        Some(path) => Checkpoint::read_if_exists(path)?,
-        None => None,
-    };
-    // What a checkpoint must agree with to be resumed.
-    let left_out: Option<Vec<usize>> = data.position_weights.map(|weights| {
-        (0..shapes.len())
-            .map(|l| weights.iter().map(|w| w[l].iter().filter(|&&v| v == 0.0).count()).sum())
-            .collect()
-    });
-    let run = serde_json::json!({
-        "settings": FastflowSpec::complete(settings),
-        "images": images.len(),
-        "shapes": shapes,
-        "left_out_positions": left_out,
-    });
-    let device = training_device();
-    let mut model =
-        FastflowModel::new(shapes, settings.flow_steps, settings.conv3x3_only, ctx.seed, &device)?;
-    let mut optimizer = adam(settings.weight_decay as f32);
-    if let (Some(ck), Some(path)) = (&resume, &checkpoint_path) {
-        if ck.meta.get("run") != Some(&run) || ck.seed != ctx.seed {
-            return Err(VigilError::file(
-                path,
-                "was written by a run with other settings, data or seed; delete it to start over",
-            ));
-        }
-        model = FastflowModel::load(shapes, settings.flow_steps, settings.conv3x3_only, &ck.weights, &device)
-            .map_err(|e| VigilError::file(path, e.to_string()))?;
-        let bytes =
-            ck.optimizers.first().ok_or_else(|| VigilError::file(path, "holds no optimiser state"))?;
-        optimizer = restore_optimizer(optimizer, bytes)?;
-    }
-    let batches_per_epoch = images.len().div_ceil(settings.batch_size);
-    let total_steps = settings.epochs * batches_per_epoch;
-    let mut task = FastflowTask {
-        model: Some(stable_param_ids(model)),
-        optimizer,
-        settings,
+    let (steps, conv3x3_only) = (settings.flow_steps, settings.conv3x3_only);
+    let trained = train_flow(
+        &fit,
         data,
-        seed: ctx.seed,
-        run,
-        batches_per_epoch,
-        order: None,
-        device,
-    };
-    let mut config = LoopConfig::new(total_steps, "fastflow");
-    config.checkpoint_every = if checkpoint_path.is_some() { settings.checkpoint_every } else { 0 };
-    config.checkpoint_path = checkpoint_path;
-    config.session_limit = session_limit;
-    config.show_progress = ctx.show_progress;
-    config.data = training_set;
-    let outcome = run_training(&mut task, &config, resume.as_ref())?;
-    if !outcome.finished {
-        return Err(VigilError::Interrupted(format!(
-            "fastflow training stopped after step {} of {total_steps}; fit again with the same checkpoint folder \
-             to resume",
-            outcome.steps_done
-        )));
-    }
-    // Per epoch: the batch losses weighted by batch size.
-    let losses = outcome
-        .state
-        .losses
-        .chunks(batches_per_epoch)
-        .map(|epoch| {
-            let total: f32 = epoch
-                .iter()
-                .enumerate()
-                .map(|(b, loss)| {
-                    loss * settings.batch_size.min(images.len() - b * settings.batch_size) as f32
-                })
-                .sum();
-            total / images.len() as f32
-        })
-        .collect();
+        ctx,
+        session_limit,
+        training_set,
+        |device| FastflowModel::new(shapes, steps, conv3x3_only, ctx.seed, device),
+        |bag, device| FastflowModel::load(shapes, steps, conv3x3_only, bag, device),
+    )?;
+    let losses = trained.epoch_losses(settings.batch_size, data.values.len(), 1);
     // Inference runs without the autodiff graph: rebuild the model from its learned state.
-    let mut bag = TensorBag::new();
-    task.model.as_ref().expect("model present after training").save(&mut bag);
-    let model =
-        FastflowModel::load(shapes, settings.flow_steps, settings.conv3x3_only, &bag, &default_device())?;
+    let model = FastflowModel::load(shapes, steps, conv3x3_only, &trained.state, &default_device())?;
     Ok((model, losses))
-}
-
-/// The order in which epoch `epoch` of a fit with `seed` visits `images` training images (batches
-/// are consecutive runs of it): a pure function of its arguments, so a resumed run draws the same
-/// batches.
-pub fn epoch_order(seed: u64, epoch: usize, images: usize) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(epoch as u64);
-    let mut order: Vec<usize> = (0..images).collect();
-    order.shuffle(&mut rng);
-    order
-}
-
-/// One FastFlow optimiser step at a time, for the resumable training loop.
-struct FastflowTask<'a> {
-    model: Option<FastflowModel>,
-    optimizer: ModuleOptimizer,
-    settings: &'a FastflowSettings,
-    data: &'a TrainingFeatures<'a>,
-    seed: u64,
-    run: serde_json::Value,
-    batches_per_epoch: usize,
-    /// The current epoch and its image order.
-    order: Option<(usize, Vec<usize>)>,
-    device: Device,
-}
-
-impl TrainTask for FastflowTask<'_> {
-    fn step(&mut self, step: usize) -> Result<f32> {
-        let epoch = step / self.batches_per_epoch;
-        let images = self.data.values;
-        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.order = Some((epoch, epoch_order(self.seed, epoch, images.len())));
-        }
-        let (_, order) = self.order.as_ref().expect("order set above");
-        let size = self.settings.batch_size;
-        let first = (step % self.batches_per_epoch) * size;
-        let members = &order[first..(first + size).min(order.len())];
-        let shapes = self.data.shapes;
-        let batch: Vec<&Vec<Vec<f32>>> = members.iter().map(|&i| &images[i]).collect();
-        let inputs = (0..shapes.len()).map(|l| batch_tensor(&batch, l, shapes[l], &self.device)).collect();
-        let weights: Option<Vec<Tensor<4>>> = self.data.position_weights.map(|all| {
-            let batch: Vec<&Vec<Vec<f32>>> = members.iter().map(|&i| &all[i]).collect();
-            (0..shapes.len()).map(|l| batch_tensor(&batch, l, (1, shapes[l].1), &self.device)).collect()
-        });
-        let model = self.model.take().expect("model present between steps");
-        let (latents, log_det) = model.forward(inputs, weights.as_deref());
-        // anomalib's FastflowLoss, Σ_l mean_b(½‖z_l‖² − log|det J_l|), equals the batch mean of the
-        // per-sample sums since the mean is linear.
-        let loss = nll_loss(&latents, log_det, weights.as_deref(), 1.0);
-        let value = loss.clone().into_scalar::<f32>();
-        if !value.is_finite() {
-            return Err(VigilError::Model(format!("fastflow: training loss became {value} at step {step}")));
-        }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        self.model = Some(self.optimizer.step(self.settings.learning_rate, model, grads));
-        Ok(value)
-    }
-
-    fn snapshot(&self) -> Result<Checkpoint> {
-        let mut weights = TensorBag::new();
-        self.model.as_ref().expect("model present between steps").save(&mut weights);
-        Ok(Checkpoint {
-            step: 0,
-            seed: self.seed,
-            rng: None,
-            schedule: None,
-            meta: serde_json::json!({ "run": self.run }),
-            weights,
-            optimizers: vec![optimizer_bytes(&self.optimizer)?],
-        })
-    }
 }
 
 impl Detector for FastflowDetector {
@@ -350,41 +166,11 @@ impl Detector for FastflowDetector {
             return Err(VigilError::invalid("fastflow: no training images"));
         }
         let features = Features::new(&self.settings)?;
-        let mut extracted = Vec::with_capacity(train.len());
-        let mut masks = Vec::with_capacity(train.len());
-        let indices: Vec<usize> = (0..train.len()).collect();
-        for chunk in indices.chunks(EXTRACT_CHUNK) {
-            let images = chunk.iter().map(|&i| train.load(i)).collect::<Result<Vec<_>>>()?;
-            for (&i, image) in chunk.iter().zip(&images) {
-                let mask = train.ignore_mask(i);
-                if let Some(m) = &mask {
-                    if (m.width, m.height) != (image.width, image.height) {
-                        return Err(VigilError::invalid(format!(
-                            "fastflow: training image {i} is {}x{} but its ignore mask is {}x{}",
-                            image.width, image.height, m.width, m.height
-                        )));
-                    }
-                }
-                masks.push(mask);
-            }
-            extracted.extend(features.extract(&images, &self.settings)?);
-        }
         // Ignored regions are left out of the loss: their positions' ½‖z‖² and log-det shares.
-        let position_weights: Option<Vec<Vec<Vec<f32>>>> = masks.iter().any(Option::is_some).then(|| {
-            masks
-                .iter()
-                .map(|mask| {
-                    features
-                        .shapes
-                        .iter()
-                        .map(|&(_, side)| match mask {
-                            Some(m) => kept_positions(m, side),
-                            None => vec![1.0; side * side],
-                        })
-                        .collect()
-                })
-                .collect()
-        });
+        let (extracted, position_weights) =
+            extract_training_features("fastflow", train, EXTRACT_CHUNK, &features.shapes, |images| {
+                features.extract(images, &self.settings)
+            })?;
         let data = TrainingFeatures {
             values: &extracted,
             shapes: &features.shapes,
@@ -400,12 +186,7 @@ impl Detector for FastflowDetector {
 
     fn score(&self, image: &Image, ignore: Option<&Mask>) -> Result<ScoreOutput> {
         if let Some(mask) = ignore {
-            if (mask.width, mask.height) != (image.width, image.height) {
-                return Err(VigilError::invalid(format!(
-                    "fastflow: ignore mask is {}x{} but the image is {}x{}",
-                    mask.width, mask.height, image.width, image.height
-                )));
-            }
+            mask.check_fits(image, "fastflow")?;
         }
         let (features, model) = self.fitted()?;
         let raw = features.extract(std::slice::from_ref(image), &self.settings)?.remove(0);
@@ -465,7 +246,8 @@ impl Detector for FastflowDetector {
 
 #[cfg(test)]
 mod tests {
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
     use vigil_core::InMemorySource;
 
     use super::*;
@@ -561,7 +343,7 @@ mod tests {
         let other = FastflowSettings { epochs: 5, ..settings };
         let error =
             train_fastflow(&other, &features(&images, &shapes), &ctx, None, None).unwrap_err().to_string();
-        assert!(error.contains(CHECKPOINT_FILE) && error.contains("delete it"), "{error}");
+        assert!(error.contains("fastflow-train.ckpt") && error.contains("delete it"), "{error}");
     }
 
     #[test]

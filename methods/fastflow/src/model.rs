@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use vigil_core::{Result, TensorBag};
-use vigil_flow::{alternating_kernel, FlowStep, ScaleLayerNorm};
+use vigil_flow::{alternating_kernel, FlowStep, ScaleLayerNorm, TrainableFlow};
 
 /// The subnet kernel of step `index`: alternating 3×3 / 1×1, or 3×3 throughout.
 fn kernel(index: usize, conv3x3_only: bool) -> usize {
@@ -48,39 +48,6 @@ impl FastflowModel {
         Ok(FastflowModel { norms, flows })
     }
 
-    /// Latents per scale and the summed log|det J| per sample, for raw backbone features (one
-    /// [B, C, H, W] per scale). With `weights` (one [B, 1, H, W] per scale) each position's share
-    /// of the log-determinant counts times its weight.
-    pub fn forward(
-        &self,
-        features: Vec<Tensor<4>>,
-        weights: Option<&[Tensor<4>]>,
-    ) -> (Vec<Tensor<4>>, Tensor<1>) {
-        let batch = features[0].dims()[0];
-        let mut log_det = Tensor::<1>::zeros([batch], &features[0].device());
-        let mut latents = Vec::with_capacity(features.len());
-        for (l, feature) in features.into_iter().enumerate() {
-            let mut x = self.norms[l].forward(feature);
-            for step in &self.flows[l] {
-                let (y, step_log_det) = step.forward_weighted(x, weights.map(|w| &w[l]));
-                x = y;
-                log_det = log_det.add(step_log_det);
-            }
-            latents.push(x);
-        }
-        (latents, log_det)
-    }
-
-    /// The learned state: `scale{l}.layer_norm.{weight,bias}` and `scale{l}.step{s}.…`.
-    pub fn save(&self, bag: &mut TensorBag) {
-        for (l, (norm, steps)) in self.norms.iter().zip(&self.flows).enumerate() {
-            norm.save(bag, &format!("scale{l}.layer_norm"));
-            for (s, step) in steps.iter().enumerate() {
-                step.save(bag, &format!("scale{l}.step{s}"));
-            }
-        }
-    }
-
     pub fn load(
         shapes: &[(usize, usize)],
         flow_steps: usize,
@@ -102,6 +69,41 @@ impl FastflowModel {
             );
         }
         Ok(FastflowModel { norms, flows })
+    }
+}
+
+impl TrainableFlow for FastflowModel {
+    /// Latents per scale and the summed log|det J| per sample, for raw backbone features (one
+    /// [B, C, H, W] per scale). With `weights` (one [B, 1, H, W] per scale) each position's share
+    /// of the log-determinant counts times its weight.
+    fn forward(
+        &self,
+        features: Vec<Tensor<4>>,
+        weights: Option<&[Tensor<4>]>,
+    ) -> (Vec<Tensor<4>>, Tensor<1>) {
+        let batch = features[0].dims()[0];
+        let mut log_det = Tensor::<1>::zeros([batch], &features[0].device());
+        let mut latents = Vec::with_capacity(features.len());
+        for (l, feature) in features.into_iter().enumerate() {
+            let mut x = self.norms[l].forward(feature);
+            for step in &self.flows[l] {
+                let (y, step_log_det) = step.forward_weighted(x, weights.map(|w| &w[l]));
+                x = y;
+                log_det = log_det.add(step_log_det);
+            }
+            latents.push(x);
+        }
+        (latents, log_det)
+    }
+
+    /// The learned state: `scale{l}.layer_norm.{weight,bias}` and `scale{l}.step{s}.…`.
+    fn save(&self, bag: &mut TensorBag) {
+        for (l, (norm, steps)) in self.norms.iter().zip(&self.flows).enumerate() {
+            norm.save(bag, &format!("scale{l}.layer_norm"));
+            for (s, step) in steps.iter().enumerate() {
+                step.save(bag, &format!("scale{l}.step{s}"));
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use vigil_backbones::{Backbone, BackboneKind, FeatureMap};
 use vigil_core::{
-    progress, BlurBorder, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result,
+    for_each_batch, BlurBorder, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result,
     ScoreOutput, TensorBag, VigilError,
 };
 
@@ -242,13 +242,6 @@ fn pack_all(inv_cov: &[f32], d: usize) -> Vec<f32> {
     inv_cov.par_chunks(d * d).flat_map_iter(|a| pack_precision(a, d)).collect()
 }
 
-/// Which positions of a `width`×`height` feature grid an ignore mask leaves in: a position is
-/// ignored when the image pixel at its centre is (nearest sampling with half-pixel centres, so
-/// position (i, j) reads pixel (⌊(i + ½)·W/width⌋, ⌊(j + ½)·H/height⌋)).
-fn kept_cells(ignore: Option<&Mask>, width: usize, height: usize) -> Option<Vec<bool>> {
-    ignore.map(|m| m.resize_nearest(width, height).data.iter().map(|&ignored| !ignored).collect())
-}
-
 impl Detector for PadimDetector {
     fn method(&self) -> &'static str {
         "padim"
@@ -276,28 +269,22 @@ impl Detector for PadimDetector {
             picked.sort_unstable();
             picked
         };
-        let bar = ctx.show_progress.then(|| progress::bar(n as u64, "padim"));
         let mut acc: Option<(GaussianAccumulator, usize, usize)> = None;
-        for start in (0..n).step_by(self.settings.batch_size) {
-            let end = (start + self.settings.batch_size).min(n);
-            let images: Vec<Image> = (start..end).map(|i| train.load(i)).collect::<Result<_>>()?;
+        let progress = ctx.show_progress.then_some("padim");
+        for_each_batch(train, self.settings.batch_size, progress, |start, images| {
             let (batch, w, h) = self.embeddings(&images, &channel_index)?;
             let (gauss, _, _) = acc.get_or_insert_with(|| (GaussianAccumulator::new(w * h, d), w, h));
             // ignored positions stay out of each image's contribution to the Gaussians
-            let kept: Vec<Option<Vec<bool>>> =
-                (start..end).map(|i| kept_cells(train.ignore_mask(i).as_ref(), w, h)).collect();
+            let kept: Vec<Option<Vec<bool>>> = (start..start + images.len())
+                .map(|i| train.ignore_mask(i).map(|m| m.kept_cells(w, h)))
+                .collect();
             let valid: Option<Vec<bool>> = kept
                 .iter()
                 .any(|k| k.is_some())
                 .then(|| kept.into_iter().flat_map(|k| k.unwrap_or_else(|| vec![true; w * h])).collect());
-            gauss.add_batch(&batch, end - start, valid.as_deref());
-            if let Some(bar) = &bar {
-                bar.inc((end - start) as u64);
-            }
-        }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
+            gauss.add_batch(&batch, images.len(), valid.as_deref());
+            Ok(())
+        })?;
         let (gauss, width, height) = acc.expect("at least one batch was processed");
         let (mean, inv_cov, sampled) = gauss.finish(self.settings.eps)?;
         let precision = pack_all(&inv_cov, d);
@@ -318,7 +305,7 @@ impl Detector for PadimDetector {
         // Positions scored: those with a Gaussian, less the ignored ones unless the mask leaves
         // none of them (the pipeline still clears its pixels in the map).
         let mut kept = g.sampled.clone();
-        if let Some(not_ignored) = kept_cells(ignore, w, h) {
+        if let Some(not_ignored) = ignore.map(|m| m.kept_cells(w, h)) {
             let both: Vec<bool> = kept.iter().zip(&not_ignored).map(|(&s, &n)| s && n).collect();
             if both.contains(&true) {
                 kept = both;
@@ -529,7 +516,7 @@ mod tests {
         };
         d.fit(&train, &FitContext::default()).unwrap();
         let g = d.fitted.as_ref().unwrap();
-        let expected = kept_cells(Some(&defect_box()), g.width, g.height).unwrap();
+        let expected = defect_box().kept_cells(g.width, g.height);
         assert_eq!(g.sampled, expected);
         assert!(expected.contains(&false));
         // unsampled positions score the floor even when the test image comes without a mask

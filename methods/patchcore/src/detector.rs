@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use vigil_backbones::{Backbone, BackboneKind};
 use vigil_core::tensors::TensorData;
 use vigil_core::{
-    progress, BlurBorder, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result,
+    for_each_batch, BlurBorder, ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result,
     ScoreOutput, TensorBag, VigilError,
 };
 
@@ -256,13 +256,6 @@ fn validate(s: &PatchcoreSettings) -> Result<()> {
     Ok(())
 }
 
-/// Which cells of a `width`×`height` feature grid an ignore mask leaves in: a cell is ignored
-/// when the image pixel at its centre is (nearest sampling with half-pixel centres, so cell
-/// (i, j) reads pixel (⌊(i + ½)·W/width⌋, ⌊(j + ½)·H/height⌋)).
-fn kept_cells(ignore: Option<&Mask>, width: usize, height: usize) -> Option<Vec<bool>> {
-    ignore.map(|m| m.resize_nearest(width, height).data.iter().map(|&ignored| !ignored).collect())
-}
-
 /// The rows of the cells `kept` marks, in grid order.
 fn kept_rows(grid: &PatchGrid, kept: &[bool]) -> Vec<f32> {
     grid.rows
@@ -292,13 +285,9 @@ impl Detector for PatchcoreDetector {
             return Err(VigilError::invalid("PatchCore: no training images"));
         }
         let s = &self.settings;
-        let bar = ctx.show_progress.then(|| progress::bar(n as u64, "patchcore"));
         let mut coreset: Option<StreamingCoreset> = None;
-        for start in (0..n).step_by(s.batch_size) {
-            let end = (start + s.batch_size).min(n);
-            let images: Vec<Image> = (start..end).map(|i| train.load(i)).collect::<Result<_>>()?;
-            let grids = self.patches(&images)?;
-            for (offset, grid) in grids.into_iter().enumerate() {
+        for_each_batch(train, s.batch_size, ctx.show_progress.then_some("patchcore"), |start, images| {
+            for (offset, grid) in self.patches(&images)?.into_iter().enumerate() {
                 let builder = match &mut coreset {
                     Some(c) => c,
                     None => {
@@ -306,18 +295,13 @@ impl Detector for PatchcoreDetector {
                     }
                 };
                 // ignored patches never enter the bank
-                match kept_cells(train.ignore_mask(start + offset).as_ref(), grid.width, grid.height) {
+                match train.ignore_mask(start + offset) {
                     None => builder.push(&grid.rows),
-                    Some(kept) => builder.push(&kept_rows(&grid, &kept)),
+                    Some(mask) => builder.push(&kept_rows(&grid, &mask.kept_cells(grid.width, grid.height))),
                 }
             }
-            if let Some(bar) = &bar {
-                bar.inc((end - start) as u64);
-            }
-        }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
+            Ok(())
+        })?;
         let dim = self.feature_dim()?;
         let data = coreset.expect("at least one image was processed").finish();
         if data.is_empty() {
@@ -330,7 +314,7 @@ impl Detector for PatchcoreDetector {
     fn score(&self, image: &Image, ignore: Option<&Mask>) -> Result<ScoreOutput> {
         let bank = self.bank.as_ref().ok_or_else(|| VigilError::Model("PatchCore is not fitted".into()))?;
         let grid = self.patches(std::slice::from_ref(image))?.pop().expect("one image in, one grid out");
-        let kept = kept_cells(ignore, grid.width, grid.height);
+        let kept = ignore.map(|m| m.kept_cells(grid.width, grid.height));
         let (dist, image_score) = self.patch_scores(bank, &grid, kept.as_deref());
         let (iw, ih) = self.input_size();
         let grid_map = Map::new(grid.width, grid.height, dist)?;
@@ -485,7 +469,7 @@ mod tests {
         let (defect, ignore) = (texture(101, true), defect_box());
         let grid = d.patches(std::slice::from_ref(&defect)).unwrap().pop().unwrap();
         let (dist, _) = d.patch_scores(d.bank.as_ref().unwrap(), &grid, None);
-        let kept = kept_cells(Some(&ignore), grid.width, grid.height).unwrap();
+        let kept = ignore.kept_cells(grid.width, grid.height);
         // 64-px input, 8x8 grid: cells 2..=5 have their centres (15, 21, 27, 33 px of 48) in the box
         assert_eq!(kept.iter().filter(|&&k| !k).count(), 16);
         let kept_max = (0..dist.len()).filter(|&i| kept[i]).map(|i| dist[i]).fold(f32::MIN, f32::max);

@@ -18,8 +18,10 @@ use std::process::ExitCode;
 use burn::tensor::{Tensor, TensorData};
 use vigil_backbones::Backbone;
 use vigil_core::{FitContext, Image, Result, TensorBag, VigilError};
+use vigil_flow::TrainableFlow;
 use vigil_nn::default_device;
-use vigil_uflow::detector::{epoch_order, train_flow, TrainingFeatures};
+use vigil_nn::train::epoch_order;
+use vigil_uflow::detector::{train_flow, TrainingFeatures};
 use vigil_uflow::feature_norm::UflowModel;
 use vigil_uflow::{FeatureNorm, UflowSettings};
 

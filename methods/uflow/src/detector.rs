@@ -4,23 +4,17 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use vigil_backbones::{Backbone, BackboneKind, MsCait};
 use vigil_core::{
     ChannelMode, Detector, FitContext, Image, ImageSource, Map, Mask, Result, ScoreOutput, TensorBag,
     ThresholdKind, VigilError,
 };
-use vigil_flow::{kept_positions, nll_loss};
+pub use vigil_flow::TrainingFeatures;
+use vigil_flow::{extract_training_features, kept_positions, FlowFit, TrainableFlow};
 use vigil_nfa::maxtree::{tree_log10_nfa, Chi2Map};
-use vigil_nn::train::{run_training, LoopConfig, TrainTask};
-use vigil_nn::{
-    adam, default_device, optimizer_bytes, restore_optimizer, stable_param_ids, training_device, Checkpoint,
-};
+use vigil_nn::default_device;
 
 use crate::block_nfa::{BlockNfa, Latent};
 use crate::feature_norm::UflowModel;
@@ -293,20 +287,6 @@ pub struct UflowDetector {
     pub loss_history: Vec<f32>,
 }
 
-fn batch_tensor(
-    images: &[&Vec<Vec<f32>>],
-    scale: usize,
-    shape: (usize, usize),
-    device: &Device,
-) -> Tensor<4> {
-    let (channels, side) = shape;
-    let mut data = Vec::with_capacity(images.len() * channels * side * side);
-    for image in images {
-        data.extend_from_slice(&image[scale]);
-    }
-    Tensor::from_data(TensorData::new(data, [images.len(), channels, side, side]), device)
-}
-
 fn tensor_values(t: Tensor<4>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor")
 }
@@ -393,12 +373,7 @@ impl UflowDetector {
     /// [`Detector::score`] with the time spent in the flow and in the NFA.
     pub fn score_timed(&self, image: &Image, ignore: Option<&Mask>) -> Result<(ScoreOutput, ScoreTiming)> {
         if let Some(mask) = ignore {
-            if (mask.width, mask.height) != (image.width, image.height) {
-                return Err(VigilError::invalid(format!(
-                    "uflow: ignore mask is {}x{} but the image is {}x{}",
-                    mask.width, mask.height, image.width, image.height
-                )));
-            }
+            mask.check_fits(image, "uflow")?;
         }
         let start = Instant::now();
         let mut latents = self.latents(image)?;
@@ -469,18 +444,6 @@ impl UflowDetector {
     }
 }
 
-/// The checkpoint's file name inside `FitContext::checkpoint_dir`.
-const CHECKPOINT_FILE: &str = "uflow-train.ckpt";
-
-/// Training features: `values[i][scale]` channel-major, shapes (channels, side) finest first,
-/// and optionally per image and scale the weight of each position in the loss (0 where the ignore
-/// mask touches the position's cell, 1 elsewhere).
-pub struct TrainingFeatures<'a> {
-    pub values: &'a [Vec<Vec<f32>>],
-    pub shapes: &'a [(usize, usize)],
-    pub position_weights: Option<&'a [Vec<Vec<f32>>]>,
-}
-
 /// Trains a U-Flow (and, if the settings ask for it, its per-scale LayerNorms) on features already
 /// standardised or raw. Returns the inference-side model and the mean loss per latent
 /// dimension of each epoch. With a checkpoint folder in `ctx`, the state is written every
@@ -514,195 +477,38 @@ fn train_flow_on(
     training_set: Option<vigil_core::DataFingerprint>,
 ) -> Result<(UflowModel, Vec<f32>)> {
     settings.validate()?;
-    let (images, shapes) = (data.values, data.shapes);
-    if images.is_empty() {
-        return Err(VigilError::invalid("uflow: no training images"));
-    }
-    for (i, image) in images.iter().enumerate() {
-        let ok =
-            image.len() == shapes.len() && image.iter().zip(shapes).all(|(d, (c, s))| d.len() == c * s * s);
-        if !ok {
-            return Err(VigilError::invalid(format!(
-                "uflow: features of training image {i} do not match the scales"
-            )));
-        }
-    }
-    if let Some(weights) = data.position_weights {
-        let ok = weights.len() == images.len()
-            && weights
-                .iter()
-                .all(|w| w.len() == shapes.len() && w.iter().zip(shapes).all(|(d, (_, s))| d.len() == s * s));
-        if !ok {
-            return Err(VigilError::invalid("uflow: position weights do not match the training features"));
-        }
-    }
-    let checkpoint_path = ctx.checkpoint_dir.as_ref().map(|d| d.join(CHECKPOINT_FILE));
-    if session_limit.is_some() && checkpoint_path.is_none() {
-        return Err(VigilError::Config(
-            "a session step limit needs a checkpoint folder to resume from".into(),
-        ));
-    }
-    let resume = match &checkpoint_path {
-        Some(path) => Checkpoint::read_if_exists(path)?,
-        None => None,
-    };
-    // What a checkpoint must agree with to be resumed.
-    let left_out: Option<Vec<usize>> = data.position_weights.map(|weights| {
-        (0..shapes.len())
-            .map(|l| weights.iter().map(|w| w[l].iter().filter(|&&v| v == 0.0).count()).sum())
-            .collect()
-    });
-    let run = serde_json::json!({
-        "settings": settings, "images": images.len(), "shapes": shapes, "left_out_positions": left_out
-    });
-    let device = training_device();
-    let mut flow = UflowModel::new(shapes, settings.layer_norm(), settings.flow_steps, ctx.seed, &device)?;
-    let mut optimizer = adam(settings.weight_decay as f32);
-    if let (Some(ck), Some(path)) = (&resume, &checkpoint_path) {
-        if ck.meta.get("run") != Some(&run) || ck.seed != ctx.seed {
-            return Err(VigilError::file(
-                path,
-                "was written by a run with other settings, data or seed; delete it to start over",
-            ));
-        }
-        flow = UflowModel::load(shapes, settings.layer_norm(), settings.flow_steps, &ck.weights, &device)
-            .map_err(|e| VigilError::file(path, e.to_string()))?;
-        let bytes =
-            ck.optimizers.first().ok_or_else(|| VigilError::file(path, "holds no optimiser state"))?;
-        optimizer = restore_optimizer(optimizer, bytes)?;
-    }
-    let batches_per_epoch = images.len().div_ceil(settings.batch_size);
-    let total_steps = settings.epochs * batches_per_epoch;
-    let mut task = FlowTask {
-        flow: Some(stable_param_ids(flow)),
-        optimizer,
-        settings,
-        images,
-        shapes,
-        position_weights: data.position_weights,
-        seed: ctx.seed,
-        run,
-        batches_per_epoch,
-        total_steps,
-        order: None,
-        device,
-    };
-    let mut config = LoopConfig::new(total_steps, "uflow");
-    config.checkpoint_every = if checkpoint_path.is_some() { settings.checkpoint_every } else { 0 };
-    config.checkpoint_path = checkpoint_path;
-    config.session_limit = session_limit;
-    config.show_progress = ctx.show_progress;
-    config.data = training_set;
-    let outcome = run_training(&mut task, &config, resume.as_ref())?;
-    if !outcome.finished {
-        return Err(VigilError::Interrupted(format!(
-            "uflow training stopped after step {} of {total_steps}; fit again with the same checkpoint folder \
-             to resume",
-            outcome.steps_done
-        )));
-    }
-    // Per epoch: the batch losses weighted by batch size, per latent dimension.
-    let dims_per_image: usize = shapes.iter().map(|(c, s)| c * s * s).sum();
-    let losses = outcome
-        .state
-        .losses
-        .chunks(batches_per_epoch)
-        .map(|epoch| {
-            let total: f32 = epoch
-                .iter()
-                .enumerate()
-                .map(|(b, loss)| {
-                    loss * settings.batch_size.min(images.len() - b * settings.batch_size) as f32
-                })
-                .sum();
-            total / (images.len() * dims_per_image) as f32
-        })
-        .collect();
-    // Inference runs without the autodiff graph: rebuild the flow from its learned state.
-    let mut bag = TensorBag::new();
-    task.flow.as_ref().expect("flow present after training").save(&mut bag);
-    Ok((
-        UflowModel::load(shapes, settings.layer_norm(), settings.flow_steps, &bag, &default_device())?,
-        losses,
-    ))
-}
-
-/// The order in which epoch `epoch` of a fit with `seed` visits `images` training images (batches
-/// are consecutive runs of it): a pure function of its arguments, so a resumed run draws the same
-/// batches and a peer implementation can be fed the same ones (`examples/uflow_trace.rs`).
-pub fn epoch_order(seed: u64, epoch: usize, images: usize) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(epoch as u64);
-    let mut order: Vec<usize> = (0..images).collect();
-    order.shuffle(&mut rng);
-    order
-}
-
-/// One U-Flow optimiser step at a time, for the resumable training loop. The data order of
-/// each epoch is a pure function of (seed, epoch), so a resumed run draws the same batches.
-struct FlowTask<'a> {
-    flow: Option<UflowModel>,
-    optimizer: ModuleOptimizer,
-    settings: &'a UflowSettings,
-    images: &'a [Vec<Vec<f32>>],
-    shapes: &'a [(usize, usize)],
-    position_weights: Option<&'a [Vec<Vec<f32>>]>,
-    seed: u64,
-    run: serde_json::Value,
-    batches_per_epoch: usize,
-    total_steps: usize,
-    /// The current epoch and its image order.
-    order: Option<(usize, Vec<usize>)>,
-    device: Device,
-}
-
-impl TrainTask for FlowTask<'_> {
-    fn step(&mut self, step: usize) -> Result<f32> {
-        let epoch = step / self.batches_per_epoch;
-        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.order = Some((epoch, epoch_order(self.seed, epoch, self.images.len())));
-        }
-        let (_, order) = self.order.as_ref().expect("order set above");
-        let size = self.settings.batch_size;
-        let first = (step % self.batches_per_epoch) * size;
-        let members = &order[first..(first + size).min(order.len())];
-        let batch: Vec<&Vec<Vec<f32>>> = members.iter().map(|&i| &self.images[i]).collect();
-        let inputs =
-            (0..self.shapes.len()).map(|l| batch_tensor(&batch, l, self.shapes[l], &self.device)).collect();
-        let weights: Option<Vec<Tensor<4>>> = self.position_weights.map(|all| {
-            let batch: Vec<&Vec<Vec<f32>>> = members.iter().map(|&i| &all[i]).collect();
-            (0..self.shapes.len())
-                .map(|l| batch_tensor(&batch, l, (1, self.shapes[l].1), &self.device))
-                .collect()
-        });
-        let flow = self.flow.take().expect("flow present between steps");
-        let (latents, log_det) = flow.forward(inputs, weights.as_deref());
-        let z_weight = match self.settings.loss {
-            Loss::Official => 1.0,
-            Loss::Anomalib => members.len() as f32,
-        };
-        let loss = nll_loss(&latents, log_det, weights.as_deref(), z_weight);
-        let value = loss.clone().into_scalar::<f32>();
-        let grads = GradientsParams::from_grads(loss.backward(), &flow);
+    let shapes = data.shapes;
+    let fit = FlowFit {
+        method: "uflow",
+        settings: serde_json::to_value(settings)
+            .map_err(|e| VigilError::Model(format!("uflow settings: {e}")))?,
+        epochs: settings.epochs,
+        batch_size: settings.batch_size,
+        checkpoint_every: settings.checkpoint_every,
+        weight_decay: settings.weight_decay as f32,
         // PyTorch LinearLR: factor 1 → lr_end_factor over all steps.
-        let factor = 1.0 + (self.settings.lr_end_factor - 1.0) * step as f64 / self.total_steps as f64;
-        self.flow = Some(self.optimizer.step(self.settings.learning_rate * factor, flow, grads));
-        Ok(value)
-    }
-
-    fn snapshot(&self) -> Result<Checkpoint> {
-        let mut weights = TensorBag::new();
-        self.flow.as_ref().expect("flow present between steps").save(&mut weights);
-        Ok(Checkpoint {
-            step: 0,
-            seed: self.seed,
-            rng: None,
-            schedule: None,
-            meta: serde_json::json!({ "run": self.run }),
-            weights,
-            optimizers: vec![optimizer_bytes(&self.optimizer)?],
-        })
-    }
+        learning_rate: &|step, total| {
+            settings.learning_rate * (1.0 + (settings.lr_end_factor - 1.0) * step as f64 / total as f64)
+        },
+        z_weight: &|batch| match settings.loss {
+            Loss::Official => 1.0,
+            Loss::Anomalib => batch as f32,
+        },
+    };
+    let (layer_norm, steps) = (settings.layer_norm(), settings.flow_steps);
+    let trained = vigil_flow::train_flow(
+        &fit,
+        data,
+        ctx,
+        session_limit,
+        training_set,
+        |device| UflowModel::new(shapes, layer_norm, steps, ctx.seed, device),
+        |bag, device| UflowModel::load(shapes, layer_norm, steps, bag, device),
+    )?;
+    let dims_per_image: usize = shapes.iter().map(|(c, s)| c * s * s).sum();
+    let losses = trained.epoch_losses(settings.batch_size, data.values.len(), dims_per_image);
+    // Inference runs without the autodiff graph: rebuild the flow from its learned state.
+    Ok((UflowModel::load(shapes, layer_norm, steps, &trained.state, &default_device())?, losses))
 }
 
 impl Detector for UflowDetector {
@@ -728,41 +534,11 @@ impl Detector for UflowDetector {
             return Err(VigilError::invalid("uflow: no training images"));
         }
         let features = Features::new(&self.settings)?;
-        let mut extracted = Vec::with_capacity(train.len());
-        let mut masks = Vec::with_capacity(train.len());
-        let chunk: Vec<usize> = (0..train.len()).collect();
-        for indices in chunk.chunks(8) {
-            let images = indices.iter().map(|&i| train.load(i)).collect::<Result<Vec<_>>>()?;
-            for (&i, image) in indices.iter().zip(&images) {
-                let mask = train.ignore_mask(i);
-                if let Some(m) = &mask {
-                    if (m.width, m.height) != (image.width, image.height) {
-                        return Err(VigilError::invalid(format!(
-                            "uflow: training image {i} is {}x{} but its ignore mask is {}x{}",
-                            image.width, image.height, m.width, m.height
-                        )));
-                    }
-                }
-                masks.push(mask);
-            }
-            extracted.extend(features.extract(&images)?);
-        }
         // Ignored regions are left out of the loss (and of the standardisation statistics).
-        let position_weights: Option<Vec<Vec<Vec<f32>>>> = masks.iter().any(Option::is_some).then(|| {
-            masks
-                .iter()
-                .map(|mask| {
-                    features
-                        .shapes
-                        .iter()
-                        .map(|&(_, side)| match mask {
-                            Some(m) => kept_positions(m, side),
-                            None => vec![1.0; side * side],
-                        })
-                        .collect()
-                })
-                .collect()
-        });
+        let (mut extracted, position_weights) =
+            extract_training_features("uflow", train, 8, &features.shapes, |images| {
+                features.extract(images)
+            })?;
         let standardizers: Vec<Standardizer> = match self.settings.feature_norm {
             FeatureNorm::Official => Vec::new(),
             FeatureNorm::Standardize => features
@@ -820,7 +596,8 @@ impl Detector for UflowDetector {
 
 #[cfg(test)]
 mod tests {
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     use super::*;
 
@@ -928,7 +705,7 @@ mod tests {
         // A checkpoint from other settings is refused, naming the file.
         let other = UflowSettings { epochs: 5, ..settings.clone() };
         let error = train_flow(&other, &features(&images, &shapes), &ctx).unwrap_err().to_string();
-        assert!(error.contains(CHECKPOINT_FILE) && error.contains("delete it"), "{error}");
+        assert!(error.contains("uflow-train.ckpt") && error.contains("delete it"), "{error}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use vigil_core::{Result, TensorBag};
-use vigil_flow::ScaleLayerNorm;
+use vigil_flow::{ScaleLayerNorm, TrainableFlow};
 
 use crate::flow::{UFlow, UFlowShape};
 
@@ -44,29 +44,6 @@ impl UflowModel {
         !self.norms.is_empty()
     }
 
-    /// Latents (finest first) and the log-determinant per sample of raw features (finest first);
-    /// `weights` as [`UFlow::forward_weighted`].
-    pub fn forward(
-        &self,
-        features: Vec<Tensor<4>>,
-        weights: Option<&[Tensor<4>]>,
-    ) -> (Vec<Tensor<4>>, Tensor<1>) {
-        let features = if self.norms.is_empty() {
-            features
-        } else {
-            features.into_iter().zip(&self.norms).map(|(x, norm)| norm.forward(x)).collect()
-        };
-        self.flow.forward_weighted(features, weights)
-    }
-
-    /// The learned state: the flow's tensors and `features.scale{l}.layer_norm.{weight,bias}`.
-    pub fn save(&self, bag: &mut TensorBag) {
-        for (l, norm) in self.norms.iter().enumerate() {
-            norm.save(bag, &format!("features.scale{l}.layer_norm"));
-        }
-        self.flow.save(bag);
-    }
-
     pub fn load(
         shapes: &[(usize, usize)],
         layer_norm: bool,
@@ -90,6 +67,31 @@ impl UflowModel {
 
 fn flow_shape(shapes: &[(usize, usize)], steps_per_stage: usize) -> UFlowShape {
     UFlowShape { feature_channels: shapes.iter().map(|s| s.0).collect(), steps_per_stage }
+}
+
+impl TrainableFlow for UflowModel {
+    /// Latents (finest first) and the log-determinant per sample of raw features (finest first);
+    /// `weights` as [`UFlow::forward_weighted`].
+    fn forward(
+        &self,
+        features: Vec<Tensor<4>>,
+        weights: Option<&[Tensor<4>]>,
+    ) -> (Vec<Tensor<4>>, Tensor<1>) {
+        let features = if self.norms.is_empty() {
+            features
+        } else {
+            features.into_iter().zip(&self.norms).map(|(x, norm)| norm.forward(x)).collect()
+        };
+        self.flow.forward_weighted(features, weights)
+    }
+
+    /// The learned state: the flow's tensors and `features.scale{l}.layer_norm.{weight,bias}`.
+    fn save(&self, bag: &mut TensorBag) {
+        for (l, norm) in self.norms.iter().enumerate() {
+            norm.save(bag, &format!("features.scale{l}.layer_norm"));
+        }
+        self.flow.save(bag);
+    }
 }
 
 #[cfg(test)]
