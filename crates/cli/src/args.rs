@@ -42,6 +42,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// List the methods and their settings with defaults.
     Methods,
+    /// Serve models over HTTP (scores, maps, overlays, metrics) with a web page at `/`.
+    #[command(long_about = crate::serve_cmd::ABOUT)]
+    Serve(crate::serve_cmd::ServeArgs),
 }
 
 /// Options shared by everything that reads images and turns them into maps.
@@ -245,6 +248,20 @@ pub struct PredictArgs {
     /// Map file format: `tiff` (32-bit float) or `png16` (16-bit, scaled between the map's min and max).
     #[arg(long)]
     pub map_format: Option<String>,
+    /// A file listing the images to score, one path a line (`#` starts a comment line), instead of
+    /// inputs on the command line; outputs are named by each path below the folder all files share.
+    #[arg(long)]
+    pub list: Option<PathBuf>,
+    /// Score only part I of N contiguous parts of the inputs (I from 0), e.g. `--shard 2/8` in the third
+    /// of eight jobs; give each shard its own --out. The shards' scores.csv rows, concatenated in shard
+    /// order, are the rows of the whole run.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Continue an interrupted run in --out: images already in its scores.csv are not scored again,
+    /// new rows are appended (the model must be the same).
+    #[arg(long)]
+    #[serde(default)]
+    pub resume: bool,
     #[command(flatten)]
     #[serde(default)]
     pub pipeline: PipelineArgs,

@@ -9,6 +9,7 @@ mod demo;
 mod fit_cmd;
 mod options;
 mod predict;
+mod serve_cmd;
 mod test_cmd;
 
 use clap::Parser;
@@ -32,6 +33,7 @@ fn run(cli: args::Cli) -> anyhow::Result<()> {
         args::Command::Predict(a) => predict::predict_command(a),
         args::Command::Benchmark(a) => benchmark::benchmark_command(a),
         args::Command::Demo(a) => demo::demo_command(a),
+        args::Command::Serve(a) => serve_cmd::serve_command(a),
         args::Command::Methods => {
             for m in vigil_engine::registry::registry() {
                 println!("{}\n  {}\n  settings (defaults): {}\n", m.name, m.summary, m.resolved_defaults);

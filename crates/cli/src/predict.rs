@@ -1,11 +1,14 @@
 //! `vigil predict`: score new images; write maps, overlays, predicted masks, scores.csv and scores.json.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
+use vigil_engine::batch::{list_inputs, Shard};
 use vigil_engine::model::LoadOptions;
 use vigil_engine::outputs::{
-    collect_inputs, prepare_output, MapFormat, ScoreTables, PREDICT_FILES, PREDICT_FOLDERS,
+    collect_inputs, decision_threshold, prepare_output, MapFormat, ScoreTables, PREDICT_FILES,
+    PREDICT_FOLDERS,
 };
 use vigil_engine::run::{process_items, Event, LoopOptions, ScoredItem};
 use vigil_engine::Model;
@@ -20,11 +23,33 @@ pub fn predict_command(args: PredictArgs) -> Result<()> {
     let out = args.out.clone().ok_or_else(|| anyhow!("--out <folder> is required"))?;
     let format: MapFormat = args.map_format.as_deref().unwrap_or("tiff").parse()?;
     let pipeline = options::pipeline(&args.pipeline)?;
-    let items = collect_inputs(&args.inputs, &options::filter(&args.pipeline, true))?;
-    prepare_output(&out, &PREDICT_FILES, &PREDICT_FOLDERS, args.overwrite)?;
+    let shard: Option<Shard> = args.shard.as_deref().map(str::parse).transpose()?;
+    if args.resume && args.overwrite {
+        bail!("--resume continues the run in --out and --overwrite starts it again: give one of them");
+    }
+    let items = match &args.list {
+        Some(_) if !args.inputs.is_empty() => {
+            bail!("give the images either on the command line or with --list, not both")
+        }
+        Some(list) => list_inputs(list)?,
+        None => collect_inputs(&args.inputs, &options::filter(&args.pipeline, true))?,
+    };
+    // Shards are cut from the whole list, so every shard names its files as the whole run would.
+    let items = match shard {
+        Some(shard) => shard.select(items),
+        None => items,
+    };
+    if !args.resume {
+        prepare_output(&out, &PREDICT_FILES, &PREDICT_FOLDERS, args.overwrite)?;
+    }
     let model =
         Model::load(model_path, &LoadOptions { pipeline, allow_other_weights: args.allow_other_weights })?;
-    let mut tables = ScoreTables::create(&out, model_path, &model)?;
+    let (mut tables, done) = if args.resume {
+        ScoreTables::resume(&out, model_path, &model)?
+    } else {
+        (ScoreTables::create(&out, model_path, &model)?, HashSet::new())
+    };
+    let items: Vec<_> = items.into_iter().filter(|i| !done.contains(&i.path)).collect();
     let det = model.detector.as_ref();
     // Each image's files are written by the loop's workers, several at a time; the table rows
     // follow in input order.
@@ -50,9 +75,11 @@ pub fn predict_command(args: PredictArgs) -> Result<()> {
             ),
         },
     )?;
-    let (scored, flagged) = (tables.scored, tables.flagged);
+    let (scored, flagged, resumed) = (tables.scored, tables.flagged, tables.resumed);
     tables.finish()?;
-    println!("scored {scored} image(s), {flagged} anomalous -> {}", out.display());
+    let earlier =
+        if args.resume { format!(" ({resumed} of them scored by an earlier run)") } else { String::new() };
+    println!("scored {scored} image(s){earlier}, {flagged} anomalous -> {}", out.display());
     Ok(())
 }
 
@@ -100,7 +127,7 @@ fn write_image_outputs(model: &Model, out: &Path, format: MapFormat, s: ScoredIt
         decided: model.decided_value(&s.scored),
         verdict: model.image_verdict(&s.scored),
         // The value the decided quantity is compared with (for NFA thresholds, a log10 NFA level).
-        threshold: model.image_threshold.log10_nfa_level().unwrap_or(model.image_threshold.value),
+        threshold: decision_threshold(model),
         size: (map.width, map.height),
         anomalous_pixels: predicted.count(),
         map: map_path,

@@ -57,6 +57,30 @@ pub trait ImageSource: Sync {
     }
 }
 
+/// Loads `source` in consecutive batches of `batch_size` images and hands each batch to `f`
+/// with the index of its first image; with `progress`, a bar with that label counts the images.
+pub fn for_each_batch(
+    source: &dyn ImageSource,
+    batch_size: usize,
+    progress: Option<&str>,
+    mut f: impl FnMut(usize, Vec<Image>) -> Result<()>,
+) -> Result<()> {
+    let n = source.len();
+    let bar = progress.map(|label| crate::progress::bar(n as u64, label));
+    for start in (0..n).step_by(batch_size.max(1)) {
+        let end = (start + batch_size.max(1)).min(n);
+        let images = (start..end).map(|i| source.load(i)).collect::<Result<Vec<_>>>()?;
+        f(start, images)?;
+        if let Some(bar) = &bar {
+            bar.inc((end - start) as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(())
+}
+
 /// Images already in memory.
 pub struct InMemorySource {
     pub images: Vec<Image>,

@@ -14,7 +14,9 @@ pub mod simd;
 pub mod tensors;
 pub mod threshold;
 
-pub use detector::{ChannelMode, Detector, FitContext, ImageSource, InMemorySource, ScoreOutput};
+pub use detector::{
+    for_each_batch, ChannelMode, Detector, FitContext, ImageSource, InMemorySource, ScoreOutput,
+};
 pub use error::{Result, VigilError};
 pub use fingerprint::{DataFingerprint, WeightsFile};
 pub use image::Image;

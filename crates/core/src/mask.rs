@@ -19,6 +19,18 @@ impl Mask {
         Ok(Mask { width, height, data })
     }
 
+    /// Err unless this ignore mask has the size of the image it goes with; `method` starts the
+    /// message, so the user sees which detector refused it.
+    pub fn check_fits(&self, image: &crate::Image, method: &str) -> Result<()> {
+        if (self.width, self.height) != (image.width, image.height) {
+            return Err(VigilError::invalid(format!(
+                "{method}: ignore mask is {}x{} but the image is {}x{}",
+                self.width, self.height, image.width, image.height
+            )));
+        }
+        Ok(())
+    }
+
     pub fn empty(width: usize, height: usize) -> Self {
         Mask { width, height, data: vec![false; width * height] }
     }
@@ -36,6 +48,13 @@ impl Mask {
     pub fn resize_nearest(&self, width: usize, height: usize) -> Mask {
         let data = crate::map::resample_nearest(&self.data, (self.width, self.height), (width, height));
         Mask { width, height, data }
+    }
+
+    /// Which cells of a `width`×`height` grid laid over the image (a feature map) an ignore mask
+    /// leaves in: a cell is out when the pixel at its centre is set (nearest sampling with
+    /// half-pixel centres, so cell (i, j) reads pixel (⌊(i + ½)·W/width⌋, ⌊(j + ½)·H/height⌋)).
+    pub fn kept_cells(&self, width: usize, height: usize) -> Vec<bool> {
+        self.resize_nearest(width, height).data.iter().map(|&set| !set).collect()
     }
 
     pub fn crop(&self, x0: usize, y0: usize, width: usize, height: usize) -> Mask {

@@ -137,12 +137,31 @@ pub fn load_image(path: &Path) -> Result<Image> {
             "the content does not start with an image signature; it is damaged or not an image",
         ));
     };
-    if format == Format::Jpeg && !jpeg_is_complete(&bytes) {
+    decode_as(path, &bytes, format)
+}
+
+/// Decodes an image held in memory (an upload to the server) exactly as [`load_image`] decodes a
+/// file's bytes; the signature decides the format and `name` is used in messages.
+pub fn decode_image(name: &Path, bytes: &[u8]) -> Result<Image> {
+    if bytes.is_empty() {
+        return Err(VigilError::file(name, "the image is empty (0 bytes)"));
+    }
+    let Some(format) = Format::sniff(bytes) else {
+        return Err(VigilError::file(
+            name,
+            format!("the content does not start with an image signature; it is damaged or not an image ({SUPPORTED})"),
+        ));
+    };
+    decode_as(name, bytes, format)
+}
+
+fn decode_as(path: &Path, bytes: &[u8], format: Format) -> Result<Image> {
+    if format == Format::Jpeg && !jpeg_is_complete(bytes) {
         return Err(truncated(path, format, bytes.len()));
     }
     guard(path, format, || match format {
-        Format::Tiff => decode_tiff(path, &bytes),
-        _ => decode_with_image_crate(path, &bytes, format),
+        Format::Tiff => decode_tiff(path, bytes),
+        _ => decode_with_image_crate(path, bytes, format),
     })
 }
 
@@ -360,6 +379,11 @@ pub fn load_mask(path: &Path, expected: Option<(usize, usize)>, resize: bool) ->
 /// Writes a map as a single-channel 32-bit float TIFF with its raw values (no scaling), the
 /// format of MVTec-style evaluation tools. Replaces an existing file atomically.
 pub fn write_map_tiff(path: &Path, map: &Map) -> Result<()> {
+    write_atomic(path, &encode_map_tiff(path, map)?, true)
+}
+
+/// The bytes [`write_map_tiff`] writes; `path` is used in messages.
+pub fn encode_map_tiff(path: &Path, map: &Map) -> Result<Vec<u8>> {
     let mut bytes = Cursor::new(Vec::new());
     let encode = |bytes: &mut Cursor<Vec<u8>>| -> std::result::Result<(), TiffError> {
         let mut encoder = tiff::encoder::TiffEncoder::new(bytes)?;
@@ -370,7 +394,7 @@ pub fn write_map_tiff(path: &Path, map: &Map) -> Result<()> {
         )
     };
     encode(&mut bytes).map_err(|e| VigilError::file(path, format!("cannot encode the map as TIFF: {e}")))?;
-    write_atomic(path, &bytes.into_inner(), true)
+    Ok(bytes.into_inner())
 }
 
 /// Reads a map written by [`write_map_tiff`] (any single-channel float TIFF).
@@ -403,6 +427,11 @@ pub fn load_map_tiff(path: &Path) -> Result<Map> {
 /// Writes a map as a 16-bit grayscale PNG, mapping `lo` to 0 and `hi` to 65535 (values outside
 /// are clipped), for viewing and for tools that cannot read float TIFF.
 pub fn write_map_png16(path: &Path, map: &Map, lo: f32, hi: f32) -> Result<()> {
+    write_atomic(path, &encode_map_png16(path, map, lo, hi)?, true)
+}
+
+/// The bytes [`write_map_png16`] writes; `path` is used in messages.
+pub fn encode_map_png16(path: &Path, map: &Map, lo: f32, hi: f32) -> Result<Vec<u8>> {
     if !(lo.is_finite() && hi.is_finite() && hi > lo) {
         return Err(VigilError::file(
             path,
@@ -423,7 +452,7 @@ pub fn write_map_png16(path: &Path, map: &Map, lo: f32, hi: f32) -> Result<()> {
     buffer
         .write_to(&mut bytes, ImageFormat::Png)
         .map_err(|e| VigilError::file(path, format!("cannot encode the map as PNG: {e}")))?;
-    write_atomic(path, &bytes.into_inner(), true)
+    Ok(bytes.into_inner())
 }
 
 /// The image files directly in `dir` (by extension, case-insensitive), sorted by file name.

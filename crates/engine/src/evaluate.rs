@@ -176,30 +176,21 @@ pub fn compute_metrics(
         let maps: Vec<&[f32]> = with_gt.iter().map(|r| r.map.as_slice()).collect();
         let truth: Vec<&[bool]> = with_gt.iter().map(|r| r.gt.as_ref().unwrap().data.as_slice()).collect();
         let sizes: Vec<(usize, usize)> = with_gt.iter().map(|r| (r.width, r.height)).collect();
-        let flat_scores: Vec<f32> = maps.iter().flat_map(|s| s.iter().copied()).collect();
-        let flat_labels: Vec<bool> = truth.iter().flat_map(|g| g.iter().copied()).collect();
-        // Each of the three sorts millions of pixels; they run side by side.
-        let (ranking, (pro, oracle)) = rayon::join(
-            || vm::roc_auc_and_average_precision(&flat_scores, &flat_labels),
-            || {
-                rayon::join(
-                    || vm::aupro_and_pro_curve(&maps, &truth, &sizes, aupro_limit),
-                    || vm::oracle_mean_iou(&maps, &truth),
-                )
-            },
-        );
-        let (auroc, ap) = ranking?;
-        let (aupro, curve) = pro?;
-        (m.pixel_auroc, m.pixel_ap, m.aupro) = (Some(auroc), Some(ap), Some(aupro));
-        pro_curve = Some(curve.downsampled(PLOT_POINTS));
+        // One ranking of every pixel gives the ranking figures; sorting the pixels is most of their cost.
+        let ranked = vm::pixel_ranking_metrics(&maps, &truth, &sizes, aupro_limit, PLOT_POINTS)?;
+        (m.pixel_auroc, m.pixel_ap, m.aupro) =
+            (Some(ranked.roc_auc), Some(ranked.average_precision), Some(ranked.aupro));
+        pro_curve = Some(ranked.pro_curve);
         let predicted: Vec<&[bool]> = with_gt.iter().map(|r| r.predicted.data.as_slice()).collect();
-        let flat_pred: Vec<bool> = predicted.iter().flat_map(|p| p.iter().copied()).collect();
-        let pc = vm::BinaryCounts::from_decisions(&flat_pred, &flat_labels)?;
+        let mut pc = vm::BinaryCounts::default();
+        for (p, t) in predicted.iter().zip(&truth) {
+            pc += vm::BinaryCounts::from_decisions(p, t)?;
+        }
         m.pixel_precision = Some(pc.precision());
         m.pixel_recall = Some(pc.recall());
         m.pixel_iou = Some(pc.iou());
         m.miou = Some(vm::mean_iou(&predicted, &truth)?);
-        m.oracle_miou = Some(oracle?.mean_iou);
+        m.oracle_miou = Some(ranked.oracle_mean_iou.mean_iou);
     }
     let normals: Vec<&ItemResult> = results.iter().filter(|r| r.item.label == Some(false)).collect();
     if !normals.is_empty() {

@@ -11,6 +11,7 @@
 //! Options are plain structs ([`PipelineOptions`], [`FitOptions`], [`EvalOptions`]); front ends
 //! convert their own flags into them once.
 
+pub mod batch;
 pub mod evaluate;
 pub mod fit;
 pub mod ignore;

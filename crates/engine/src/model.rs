@@ -116,6 +116,36 @@ impl Model {
     pub fn decided_value(&self, scored: &Scored) -> f64 {
         decided_value(scored, &self.image_threshold)
     }
+
+    /// Scores one decoded image and decides on it: what `vigil predict` writes for an image and
+    /// the server answers, from this one function so both give the same numbers.
+    pub fn predict(&self, image: &Image, name: &str) -> Result<Prediction> {
+        Ok(self.decide(self.score(image, name)?))
+    }
+
+    /// The decisions on an image scored by the pipeline.
+    pub fn decide(&self, scored: Scored) -> Prediction {
+        Prediction {
+            decided: self.decided_value(&scored),
+            verdict: self.image_verdict(&scored),
+            threshold: self.image_threshold.log10_nfa_level().unwrap_or(self.image_threshold.value),
+            predicted: self.pixel_verdicts(&scored),
+            scored,
+        }
+    }
+}
+
+/// One image as `vigil predict` reports it.
+pub struct Prediction {
+    pub scored: Scored,
+    /// The value compared with the image threshold ([`Model::decided_value`]).
+    pub decided: f64,
+    /// True when the image is anomalous.
+    pub verdict: bool,
+    /// The value `decided` is compared with (for NFA thresholds, a log10 NFA level).
+    pub threshold: f64,
+    /// The pixels flagged as anomalous.
+    pub predicted: Mask,
 }
 
 pub(crate) fn decided_value(scored: &Scored, t: &Threshold) -> f64 {

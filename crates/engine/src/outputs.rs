@@ -2,7 +2,7 @@
 //! earlier run removed with it), unique output names, metrics.json, maps and overlays, and the
 //! score tables of `predict`, written row by row as images are scored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -208,7 +208,7 @@ impl std::str::FromStr for MapFormat {
 
 pub const PREDICT_FILES: [&str; 2] = ["scores.csv", "scores.json"];
 pub const PREDICT_FOLDERS: [&str; 3] = ["maps", "overlays", "masks"];
-const CSV_HEADERS: [&str; 11] = [
+const CSV_HEADERS: [&str; 12] = [
     "path",
     "status",
     "score",
@@ -220,6 +220,9 @@ const CSV_HEADERS: [&str; 11] = [
     "map",
     "overlay",
     "mask",
+    // The value compared with the threshold (a log10 NFA for NFA thresholds); last, so the
+    // columns before it keep their places. A resumed run rebuilds scores.json from these rows.
+    "decided_value",
 ];
 
 /// The score tables of `predict`: a CSV row is written (and flushed) as each image is scored, the
@@ -231,7 +234,10 @@ pub struct ScoreTables {
     rows: Vec<serde_json::Value>,
     last_json: Instant,
     pub flagged: usize,
+    /// Scored rows in the table, those of an earlier run that was resumed included.
     pub scored: usize,
+    /// Rows kept from an earlier run by [`ScoreTables::resume`].
+    pub resumed: usize,
 }
 
 const JSON_EVERY: Duration = Duration::from_secs(5);
@@ -242,11 +248,17 @@ impl ScoreTables {
         let path = out.join("scores.csv");
         let mut csv = File::create(&path).with_context(|| path.display().to_string())?;
         writeln!(csv, "{}", CSV_HEADERS.join(","))?;
+        let mut tables = ScoreTables::create_with(out, model_path, model, csv);
+        tables.write_json()?;
+        Ok(tables)
+    }
+
+    fn create_with(out: &Path, model_path: &Path, model: &Model, csv: File) -> ScoreTables {
         let json_head = serde_json::json!({
             "model": model_path, "method": model.method,
             "image_threshold": model.image_threshold, "pixel_threshold": model.pixel_threshold,
         });
-        let mut tables = ScoreTables {
+        ScoreTables {
             out: out.to_path_buf(),
             csv,
             json_head,
@@ -254,9 +266,64 @@ impl ScoreTables {
             last_json: Instant::now(),
             flagged: 0,
             scored: 0,
-        };
+            resumed: 0,
+        }
+    }
+
+    /// Continues the tables of an earlier, interrupted run in `out` (or starts them when there
+    /// are none): its scored rows are kept, rows of skipped files and a row cut short by a crash
+    /// are dropped (those files are tried again), and the paths already scored are returned for
+    /// the caller to leave out. Refuses tables written with another threshold (another model).
+    pub fn resume(out: &Path, model_path: &Path, model: &Model) -> Result<(ScoreTables, HashSet<PathBuf>)> {
+        let path = out.join("scores.csv");
+        if !path.exists() {
+            std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+            return Ok((ScoreTables::create(out, model_path, model)?, HashSet::new()));
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        let mut records = crate::batch::parse_csv(&text).into_iter();
+        if records.next().is_none_or(|h| h != CSV_HEADERS) {
+            bail!(
+                "{}: not a score table of this version of vigil (other columns); pass --overwrite to start again",
+                path.display()
+            );
+        }
+        let threshold = decision_threshold(model).to_string();
+        let rows: Vec<Vec<String>> =
+            records.filter(|r| r.len() == CSV_HEADERS.len() && r[1] == "scored").collect();
+        if let Some(other) = rows.iter().find(|r| r[4] != threshold) {
+            bail!(
+                "{}: its rows were scored with threshold {} but this model's is {threshold}: it was written with \
+                 another model; pass --overwrite to start again, or choose another --out",
+                path.display(),
+                other[4]
+            );
+        }
+        let kept = vigil_report::markdown::csv_string(&CSV_HEADERS, &rows)?;
+        write_atomic(&path, kept.as_bytes(), true)?;
+        let csv = File::options().append(true).open(&path).with_context(|| path.display().to_string())?;
+        let mut tables = ScoreTables::create_with(out, model_path, model, csv);
+        let mut done = HashSet::new();
+        for r in &rows {
+            let number = |i: usize| -> Result<f64> {
+                r[i].parse().with_context(|| {
+                    format!("{}: row of {}: '{}' is not a number", path.display(), r[0], r[i])
+                })
+            };
+            let verdict = r[3] == "anomalous";
+            tables.rows.push(serde_json::json!({
+                "path": r[0], "status": "scored", "score": number(2)? as f32, "decided_value": number(11)?,
+                "anomalous": verdict, "threshold": number(4)?, "width": number(5)? as usize,
+                "height": number(6)? as usize, "anomalous_pixels": number(7)? as usize,
+                "map": r[8], "overlay": r[9], "mask": r[10],
+            }));
+            tables.scored += 1;
+            tables.flagged += usize::from(verdict);
+            done.insert(PathBuf::from(&r[0]));
+        }
+        tables.resumed = tables.scored;
         tables.write_json()?;
-        Ok(tables)
+        Ok((tables, done))
     }
 
     fn write_csv_row(&mut self, fields: &[String]) -> Result<()> {
@@ -313,6 +380,7 @@ impl ScoreTables {
             map.clone(),
             overlay.clone(),
             mask.clone(),
+            decided.to_string(),
         ])?;
         self.push_json(serde_json::json!({
             "path": path, "status": "scored", "score": score, "decided_value": decided, "anomalous": verdict,
@@ -335,4 +403,10 @@ impl ScoreTables {
     pub fn finish(mut self) -> Result<()> {
         self.write_json()
     }
+}
+
+/// The value the decided quantity of an image is compared with: for NFA thresholds a log10 NFA
+/// level, else the image threshold.
+pub fn decision_threshold(model: &Model) -> f64 {
+    model.image_threshold.log10_nfa_level().unwrap_or(model.image_threshold.value)
 }

@@ -61,6 +61,59 @@ impl Method for vigil_fastflow::FastflowDetector {
     }
 }
 
+impl Method for vigil_stfpm::StfpmDetector {
+    type Settings = vigil_stfpm::StfpmSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(vigil_stfpm::StfpmSpec::complete(settings)).expect("settings serialise")
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_reverse_distillation::RdDetector {
+    type Settings = vigil_reverse_distillation::RdSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(vigil_reverse_distillation::RdSpec::complete(settings))
+            .expect("settings serialise")
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_cfa::CfaDetector {
+    type Settings = vigil_cfa::CfaSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(vigil_cfa::CfaSpec::complete(settings)).expect("settings serialise")
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_csflow::CsflowDetector {
+    type Settings = vigil_csflow::CsflowSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        serde_json::to_value(vigil_csflow::CsflowSpec::complete(settings)).expect("settings serialise")
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
 impl Method for vigil_patchcore::PatchcoreDetector {
     type Settings = vigil_patchcore::PatchcoreSettings;
     fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
@@ -101,6 +154,22 @@ impl Method for vigil_ddad::DdadDetector {
     }
     fn resolved_settings(settings: &Self::Settings) -> Value {
         serde_json::to_value(vigil_ddad::DdadSpec::complete(settings)).expect("settings serialise")
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_mae::MaeDetector {
+    type Settings = vigil_mae::MaeSettings;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings)
+    }
+    fn learns(settings: &Self::Settings) -> bool {
+        settings.trains()
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        settings.complete()
     }
     fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
         Self::load(settings, state)
@@ -166,6 +235,40 @@ pub fn registry() -> Vec<MethodEntry> {
              (MobileNetV2, 128 px, 40 epochs); `preset=paper` is anomalib's (ResNet-18 weights, 256 px, 500 epochs).",
             Default::default(),
         ),
+        entry::<vigil_stfpm::StfpmDetector>(
+            "stfpm",
+            "STFPM: a student CNN of the teacher's architecture, trained from scratch (SGD) to match a frozen \
+             pretrained teacher's channel-normalised features at strides 4/8/16; map = product over layers of \
+             half the squared feature difference, score = max. Default: the CPU preset (MobileNetV2, 128 px, \
+             40 epochs); `preset=paper` is anomalib's (ResNet-18 weights, 256 px, 100 epochs).",
+            Default::default(),
+        ),
+        entry::<vigil_reverse_distillation::RdDetector>(
+            "reverse_distillation",
+            "Reverse Distillation: a trainable one-class bottleneck and a reversed (transposed-conv) decoder that \
+             rebuild a frozen pretrained encoder's features at strides 4/8/16 from their compact embedding \
+             (Adam, cosine loss); map = sum over layers of 1 - cos, up-sampled and blurred (sigma 4), score = \
+             max. Default: the CPU preset (MobileNetV2, 128 px, 40 epochs); `preset=paper` is anomalib's \
+             (ResNet-18 weights, 256 px, 200 epochs).",
+            Default::default(),
+        ),
+        entry::<vigil_cfa::CfaDetector>(
+            "cfa",
+            "CFA: a trainable CoordConv 1x1 patch descriptor on pooled multi-layer pretrained features and a \
+             memory of centroids (the mean descriptor map), trained to pull each descriptor to its nearest \
+             centroids; map = softmin-weighted nearest distance, smoothed, score = max. Default: the CPU preset \
+             (MobileNetV2, 128 px, 30 epochs); `preset=paper` is the paper's (Wide-ResNet-50-2, 256 px).",
+            Default::default(),
+        ),
+        entry::<vigil_csflow::CsflowDetector>(
+            "csflow",
+            "CS-Flow: one frozen CNN layer on the image at 3 scales, 4 cross-scale coupling blocks (fixed \
+             permutations, cross-convolution subnets with 1024 hidden channels, atan soft clamp) trained by \
+             maximum likelihood; map = product over scales of the up-sampled mean_c z², score = mean z²/2. \
+             Default: the CPU preset (EfficientNet-Lite0 _blocks.10, 128 px, 12 epochs); `preset=paper` is the \
+             paper's flow at 768 px for 240 epochs (on EfficientNet-Lite0 _blocks.14: no EfficientNet-B5 yet).",
+            Default::default(),
+        ),
         entry::<vigil_patchcore::PatchcoreDetector>(
             "patchcore",
             "PatchCore: locally aware patch features of a pretrained backbone, greedy coreset memory bank \
@@ -197,6 +300,16 @@ pub fn registry() -> Vec<MethodEntry> {
              DDIM steps pulled toward itself (weight w); map = feature distance + rescaled pixel distance, \
              smoothed, score = max. Default: the CPU preset (64 px U-Net, 600 steps, MobileNetV2 features); \
              `preset=paper` is the published one (256 px, Wide-ResNet-50-2). No domain adaptation yet.",
+            Default::default(),
+        ),
+        entry::<vigil_mae::MaeDetector>(
+            "mae",
+            "MAE with a sliding 2x2-patch mask (seed 002): a ViT masked autoencoder (He et al.) reconstructs every \
+             patch from its visible neighbours in s^2 = 4 complementary passes; map = 0.5 (1 - SSIM) + 0.5 L1 \
+             between image and composite reconstruction, smoothed and opened, score = mean. Default: the CPU \
+             preset (a small MAE pre-trained from scratch on the normal images, 128 px, patch 8, 200 epochs); \
+             `preset=vit_base|vit_large,weights=mae_visualize_vit_*.pth` uses the official pretrained MAE and \
+             trains nothing.",
             Default::default(),
         ),
     ]

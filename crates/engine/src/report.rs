@@ -10,7 +10,7 @@ use crate::model::Model;
 
 /// The colour range of overlays: from the pixel threshold's neighbourhood down to zero, so that
 /// "hot" means "above threshold" in every image of a run, comparable across images.
-fn overlay_range(map: &Map, pixel_t: &Threshold) -> (f32, f32) {
+pub fn overlay_range(map: &Map, pixel_t: &Threshold) -> (f32, f32) {
     let hi = match pixel_t.log10_nfa_level() {
         Some(_) => map.max().max(1.0),
         None => (pixel_t.value as f32 * 1.5).max(f32::MIN_POSITIVE),
@@ -210,6 +210,11 @@ pub fn write_mask_png(path: &std::path::Path, mask: &Mask) -> Result<()> {
     let img = image_of_mask(mask);
     vigil_report::write_png(path, &img, true)?;
     Ok(())
+}
+
+/// The bytes [`write_mask_png`] writes.
+pub fn encode_mask_png(mask: &Mask) -> Result<Vec<u8>> {
+    Ok(vigil_report::encode_png(&image_of_mask(mask))?)
 }
 
 fn image_of_mask(mask: &Mask) -> vigil_report::RgbImage {

@@ -34,8 +34,13 @@ fn small_settings(name: &str) -> Option<&'static str> {
         "patchcore" => "random_weights_seed=1,input_size=64",
         "padim" => "random_weights_seed=1,input_size=64",
         "fastflow" => "random_weights_seed=1,input_size=32,epochs=1,flow_steps=2,batch_size=4",
+        "stfpm" => "random_weights_seed=1,input_size=32,epochs=1,batch_size=4",
+        "csflow" => "random_weights_seed=1,input_size=64,epochs=1,hidden_channels=8,coupling_blocks=2,batch_size=4",
+        "cfa" => "random_weights_seed=1,input_size=32,epochs=1,batch_size=4",
+        "reverse_distillation" => "random_weights_seed=1,input_size=32,epochs=1,batch_size=4",
         "draem" | "draem-unetpp" => "steps=2,image_size=32,batch=2",
         "ddad" => "random_weights_seed=1,steps=2,batch=2,t_start=50,skip=25",
+        "mae" => "input_size=32,patch_size=8,embed_dim=32,depth=1,num_heads=2,decoder_embed_dim=16,decoder_depth=1,decoder_num_heads=2,epochs=2,batch_size=4,ssim_window=7",
         "uflow" => {
             vigil_core::shared_data::shared_path("weights/mobilenet_v2")?;
             "epochs=1,input_size=64,batch_size=4"

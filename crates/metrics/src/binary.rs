@@ -235,6 +235,16 @@ pub struct BinaryCounts {
     pub fn_: u64,
 }
 
+/// Counts of two sets of samples together (e.g. the pixels of each image of a test set).
+impl std::ops::AddAssign for BinaryCounts {
+    fn add_assign(&mut self, other: BinaryCounts) {
+        self.tp += other.tp;
+        self.fp += other.fp;
+        self.tn += other.tn;
+        self.fn_ += other.fn_;
+    }
+}
+
 impl BinaryCounts {
     /// Counts at `threshold` with vigil's rule: `score > threshold` is anomalous.
     pub fn at_threshold<S: Score, L: Label>(scores: &[S], labels: &[L], threshold: f64) -> Result<Self> {

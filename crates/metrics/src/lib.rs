@@ -4,6 +4,8 @@
 //!   [`BinaryCounts`]: ranking metrics equal to scikit-learn's (ties grouped), for image scores
 //!   (`f64`) or millions of pooled pixels (`f32`, radix-sorted once).
 //! - [`aupro`] / [`pro_curve`]: the exact 2021 MVTec AD per-region-overlap protocol.
+//! - [`pixel_ranking_metrics`]: pixel AUROC, AP, AUPRO with its curve and the oracle mIoU of a
+//!   test set from one ranking of its pixels (what `vigil test` computes).
 //! - [`iou`], [`mean_iou`], [`mean_iou_at`], [`oracle_mean_iou`]: segmentation quality as
 //!   Tailanian's thesis defines mIoU (per image, averaged over all test images).
 //! - [`threshold`]: max / quantile / k-sigma / F1-optimal thresholds as `vigil_core::Threshold`.
@@ -14,6 +16,7 @@
 
 pub mod binary;
 pub mod curve;
+pub mod pixels;
 pub mod pro;
 pub mod reduction;
 pub mod scores;
@@ -25,6 +28,7 @@ pub use binary::{
     BinaryCounts, F1Max,
 };
 pub use curve::{Curve, CurvePoint};
+pub use pixels::{pixel_ranking_metrics, PixelRankingMetrics};
 pub use pro::{aupro, aupro_and_pro_curve, aupro_of_maps, count_regions, pro_curve, pro_curve_of_maps};
 pub use reduction::ImageScoreReduction;
 pub use scores::{Label, Score};

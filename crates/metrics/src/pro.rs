@@ -95,7 +95,7 @@ impl RegionRanking {
 
 /// Labels the 8-connected regions of `mask` with ids continuing after those already in
 /// `region_sizes`, and appends each new region's size.
-fn label_regions(
+pub(crate) fn label_regions(
     mask: &[bool],
     width: usize,
     height: usize,
@@ -149,7 +149,7 @@ pub fn count_regions(mask: &Mask) -> Result<usize> {
 /// Trapezoidal integration of a curve with non-decreasing x up to `limit`, as MVTec's
 /// `trapezoid(x, y, x_max)`: points beyond the limit are dropped and, unless a point lies exactly
 /// on it, the last partial trapezoid uses y linearly interpolated at the limit.
-struct LimitedTrapezoid {
+pub(crate) struct LimitedTrapezoid {
     limit: f64,
     prev: (f64, f64),
     area: f64,
@@ -158,11 +158,11 @@ struct LimitedTrapezoid {
 }
 
 impl LimitedTrapezoid {
-    fn new(limit: f64, first: (f64, f64)) -> Self {
+    pub(crate) fn new(limit: f64, first: (f64, f64)) -> Self {
         LimitedTrapezoid { limit, prev: first, area: 0.0, limit_reached: first.0 == limit, done: false }
     }
 
-    fn push(&mut self, x: f64, y: f64) {
+    pub(crate) fn push(&mut self, x: f64, y: f64) {
         if self.done {
             return;
         }
@@ -179,9 +179,13 @@ impl LimitedTrapezoid {
             self.done = true;
         }
     }
+
+    pub(crate) fn area(&self) -> f64 {
+        self.area
+    }
 }
 
-fn check_limit(fpr_limit: f64) -> Result<()> {
+pub(crate) fn check_limit(fpr_limit: f64) -> Result<()> {
     if !(fpr_limit > 0.0 && fpr_limit <= 1.0) {
         return Err(VigilError::invalid(format!(
             "aupro: the FPR integration limit must lie in (0, 1], got {fpr_limit}"

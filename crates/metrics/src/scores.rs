@@ -3,7 +3,7 @@
 
 use std::cmp::Ordering;
 
-use rayon::slice::ParallelSliceMut;
+use rayon::prelude::*;
 use vigil_core::{Result, VigilError};
 
 /// A score type the metrics accept: `f64` for image scores, `f32` for pixel maps.
@@ -77,37 +77,70 @@ fn descending_key(v: f32) -> u32 {
     !ascending
 }
 
-/// LSD radix sort on the 32-bit key, 8 bits per pass: pixel metrics sort millions of scores and
-/// a comparison sort was the bottleneck of AUPRO.
+/// Bits of the key sorted per pass: four passes cover the 32-bit key. Wider digits take fewer
+/// passes but scatter to more places at once, and measured slower (11 bits: 3 passes, +10%).
+const DIGIT_BITS: u32 = 8;
+const BUCKETS: usize = 1 << DIGIT_BITS;
+const PASSES: u32 = 32_u32.div_ceil(DIGIT_BITS);
+
+#[inline]
+fn digit(item: &(f32, u32), pass: u32) -> usize {
+    ((descending_key(item.0) >> (DIGIT_BITS * pass)) as usize) & (BUCKETS - 1)
+}
+
+/// Below this many items one thread sorts: splitting would cost more than it saves.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// Stable LSD radix sort on the 32-bit key, 8 bits per pass: pixel metrics sort millions of
+/// scores and a comparison sort was the bottleneck of AUPRO. Each pass splits the items into one
+/// part per rayon thread; every part's items of one digit go to their own stretch of the output
+/// (after those of the earlier parts), so the result is the same as a sequential stable sort.
 fn radix_sort_descending(items: &mut Vec<(f32, u32)>) {
     let n = items.len();
     if n < 2 {
         return;
     }
-    let mut histograms = [[0usize; 256]; 4];
-    for &(s, _) in items.iter() {
-        let k = descending_key(s);
-        for (pass, hist) in histograms.iter_mut().enumerate() {
-            hist[((k >> (8 * pass)) & 0xff) as usize] += 1;
-        }
-    }
+    let parts = if n < PARALLEL_MIN { 1 } else { rayon::current_num_threads().max(1) };
+    let part_len = n.div_ceil(parts);
     let mut scratch: Vec<(f32, u32)> = vec![(0.0, 0); n];
-    for (pass, hist) in histograms.iter().enumerate() {
+    for pass in 0..PASSES {
+        // counts[p][d]: items of part p whose digit is d
+        let counts: Vec<Vec<usize>> = items
+            .par_chunks(part_len)
+            .map(|part| {
+                let mut count = vec![0usize; BUCKETS];
+                for item in part {
+                    count[digit(item, pass)] += 1;
+                }
+                count
+            })
+            .collect();
         // A digit shared by every key would leave the order unchanged: skip the pass.
-        if hist.contains(&n) {
+        if (0..BUCKETS).any(|d| counts.iter().map(|c| c[d]).sum::<usize>() == n) {
             continue;
         }
-        let mut offsets = [0usize; 256];
-        let mut total = 0;
-        for (offset, &count) in offsets.iter_mut().zip(hist.iter()) {
-            *offset = total;
-            total += count;
+        // Cut the output into the stretches (digit-major, part-minor) each part writes.
+        let mut stretches: Vec<Vec<&mut [(f32, u32)]>> =
+            (0..counts.len()).map(|_| Vec::with_capacity(BUCKETS)).collect();
+        let mut rest: &mut [(f32, u32)] = &mut scratch;
+        for d in 0..BUCKETS {
+            for (part, count) in counts.iter().enumerate() {
+                let (stretch, tail) = rest.split_at_mut(count[d]);
+                stretches[part].push(stretch);
+                rest = tail;
+            }
         }
-        for &item in items.iter() {
-            let digit = ((descending_key(item.0) >> (8 * pass)) & 0xff) as usize;
-            scratch[offsets[digit]] = item;
-            offsets[digit] += 1;
-        }
+        items.par_chunks(part_len).zip(stretches.into_par_iter()).for_each(|(part, mut out)| {
+            for &item in part {
+                // Each stretch shrinks from the front as it is filled; it holds exactly the
+                // part's items of its digit, so it is never empty here.
+                let stretch = std::mem::take(&mut out[digit(&item, pass)]);
+                if let Some((slot, rest)) = stretch.split_first_mut() {
+                    *slot = item;
+                    out[digit(&item, pass)] = rest;
+                }
+            }
+        });
         std::mem::swap(items, &mut scratch);
     }
 }
@@ -151,6 +184,24 @@ mod tests {
         expected.sort_by(|a, b| b.partial_cmp(a).unwrap());
         radix_sort_descending(&mut items);
         assert_eq!(items.iter().map(|p| p.0).collect::<Vec<_>>(), expected);
+    }
+
+    #[test]
+    fn parallel_radix_sort_is_the_stable_descending_order() {
+        // Enough items for the parallel path; few distinct values, so long runs of ties whose
+        // order (the payload, the original position) must be kept, signed zeros among them.
+        let mut state = 777u64;
+        let mut items: Vec<(f32, u32)> = (0..3 * PARALLEL_MIN as u32)
+            .map(|i| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let v = ((state >> 33) % 301) as f32 / 10.0 - 15.0;
+                (if v == 0.0 && i % 2 == 1 { -0.0 } else { v }, i)
+            })
+            .collect();
+        let mut expected = items.clone();
+        expected.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+        radix_sort_descending(&mut items);
+        assert!(items.iter().zip(&expected).all(|(a, b)| a.0.to_bits() == b.0.to_bits() && a.1 == b.1));
     }
 
     #[test]

@@ -135,13 +135,13 @@ pub fn oracle_mean_iou<L: Label>(maps: &[&[f32]], truth: &[&[L]]) -> Result<Mean
 /// Neumaier-compensated sum: the oracle adds and removes millions of IoU terms, and plain
 /// accumulation would drift away from the directly computed mIoU.
 #[derive(Default)]
-struct CompensatedSum {
+pub(crate) struct CompensatedSum {
     sum: f64,
     compensation: f64,
 }
 
 impl CompensatedSum {
-    fn add(&mut self, v: f64) {
+    pub(crate) fn add(&mut self, v: f64) {
         let t = self.sum + v;
         if self.sum.abs() >= v.abs() {
             self.compensation += (self.sum - t) + v;
@@ -151,7 +151,7 @@ impl CompensatedSum {
         self.sum = t;
     }
 
-    fn value(&self) -> f64 {
+    pub(crate) fn value(&self) -> f64 {
         self.sum + self.compensation
     }
 }

@@ -60,12 +60,38 @@ const TURBO_TABLE_LEN: usize = 4096;
 /// lookup: overlays and heatmaps colour every pixel of every image, and interpolating the knots
 /// per pixel was most of an overlay's time.
 pub fn turbo(t: f32) -> [u8; 3] {
+    turbo_table()[turbo_index(t)]
+}
+
+/// The precomputed Turbo colours [`turbo`] looks up, built once.
+pub(crate) fn turbo_table() -> &'static [[u8; 3]] {
     static TABLE: OnceLock<Vec<[u8; 3]>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| {
+    TABLE.get_or_init(|| {
         (0..TURBO_TABLE_LEN).map(|i| interpolated_turbo(i as f32 / (TURBO_TABLE_LEN - 1) as f32)).collect()
-    });
+    })
+}
+
+/// `turbo_index(normalize(v, lo, hi))` of each value into `indices`, with the range test taken
+/// out of the loop so that the loop vectorises.
+pub(crate) fn turbo_indices(values: &[f32], lo: f32, hi: f32, indices: &mut [u32]) {
+    if hi > lo {
+        let span = hi - lo;
+        for (index, &v) in indices.iter_mut().zip(values) {
+            *index = turbo_index(((v - lo) / span).clamp(0.0, 1.0)) as u32;
+        }
+    } else {
+        for (index, &v) in indices.iter_mut().zip(values) {
+            *index = turbo_index(normalize(v, lo, hi)) as u32;
+        }
+    }
+}
+
+/// The entry of [`turbo_table`] for `t`; branch-free, so that a loop over pixels vectorises.
+#[inline]
+pub(crate) fn turbo_index(t: f32) -> usize {
     let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
-    table[(t * (TURBO_TABLE_LEN - 1) as f32 + 0.5) as usize]
+    // within [½, TURBO_TABLE_LEN - ½]: an i32 holds it, and converts in vector registers
+    (t * (TURBO_TABLE_LEN - 1) as f32 + 0.5) as i32 as usize
 }
 
 /// Turbo at `t` in [0, 1] by linear interpolation between the knots.
@@ -83,9 +109,11 @@ fn interpolated_turbo(t: f32) -> [u8; 3] {
 /// A level in [0, 255] rounded to the nearest 8-bit value (halves up). `f32::round` is a libm call
 /// on baseline x86-64 and was a fifth of `vigil predict`'s time in the overlays; adding ½ and
 /// truncating is inlined and equal for non-negative values.
+/// Through i32 and a clamp, which equals the saturating `as u8` for every f32 (NaN gives 0) and,
+/// unlike it, converts in vector registers.
 #[inline]
 pub(crate) fn to_level(v: f32) -> u8 {
-    (v + 0.5) as u8
+    ((v + 0.5) as i32).clamp(0, 255) as u8
 }
 
 /// Position of `value` in the display range [lo, hi], clamped to [0, 1].
