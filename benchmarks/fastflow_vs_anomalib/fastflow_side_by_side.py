@@ -6,7 +6,7 @@ Sub-commands (run with the peer virtualenv, see run.sh):
       Trains anomalib's FastFlow (its flows, FastflowLoss and configure_optimizers: Adam 1e-3, weight
       decay 1e-5) on train/good with MobileNetV2 features.3 / features.6 / features.13 (strides 4, 8,
       16) from the local ImageNet weights behind anomalib's trainable LayerNorm([C, H, W]) per scale,
-      and writes the test maps and scores in the layout `fastflow_maps` (the vigil example) writes.
+      and writes the test maps and scores in the layout `method_maps` (the vigil-bench example) writes.
   metrics --maps DIR --class DIR
       Image AUROC, pixel AUROC and the exact MVTec AUPRO@0.3 of one maps folder, as one JSON line.
 
@@ -31,12 +31,10 @@ warnings.filterwarnings("ignore")
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
-HERE = Path(__file__).resolve().parent
-PEERS = HERE.parent.parent.parent / "shared" / "peers"
-sys.path.insert(0, str(PEERS))
-import anomalib_bench as peer  # noqa: E402  (backbone loader, data layout and the MVTec AUPRO)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import maps_layout  # noqa: E402  (the maps layout and the metric code both tools are measured with)
+from maps_layout import peer  # noqa: E402  (backbone loader, data layout and the MVTec AUPRO)
 
 # torchvision MobileNetV2: features.3 ends stride 4 (24 channels), features.6 stride 8 (32),
 # features.13 stride 16 (96): vigil's `cpu` preset taps.
@@ -130,46 +128,13 @@ def cmd_anomalib(args) -> None:
             full = torch.nn.functional.interpolate(amap, size=(h, w), mode="bilinear", align_corners=False)
             maps.append(full[0, 0].numpy().astype("<f4"))
             index.append({"path": str(path.relative_to(root)), "score": float(score), "width": w, "height": h})
-    np.concatenate([m.ravel() for m in maps]).tofile(out / "maps.f32")
-    (out / "index.json").write_text(json.dumps({"images": index, "fit_s": fit_s, "epoch_losses": losses,
-                                                "score_s_per_image": score_s / max(len(index), 1)}))
+    maps_layout.write_maps(out, maps, index, fit_s=fit_s, epoch_losses=losses,
+                           score_s_per_image=score_s / max(len(index), 1))
     print(json.dumps({"class": root.name, "fit_s": fit_s}), flush=True)
 
 
-def load_maps(maps_dir: Path):
-    meta = json.loads((maps_dir / "index.json").read_text())
-    flat = np.fromfile(maps_dir / "maps.f32", dtype="<f4")
-    maps, offset = {}, 0
-    for item in meta["images"]:
-        n = item["width"] * item["height"]
-        maps[item["path"]] = (item["score"], flat[offset:offset + n].reshape(item["height"], item["width"]))
-        offset += n
-    if offset != len(flat):
-        raise SystemExit(f"{maps_dir}/maps.f32 holds {len(flat)} values, index.json describes {offset}")
-    return maps, meta
-
-
 def cmd_metrics(args) -> None:
-    root = Path(args.class_dir)
-    maps, meta = load_maps(Path(args.maps))
-    _, test, labels, gts = peer.load_class(root)
-    scores, pixel_maps = [], []
-    for path in test:
-        key = str(path.relative_to(root))
-        if key not in maps:
-            raise SystemExit(f"{args.maps}: no map for {key}")
-        score, m = maps[key]
-        scores.append(score)
-        pixel_maps.append(m)
-    print(json.dumps({
-        "class": root.name,
-        "image_auroc": float(roc_auc_score(labels, scores)),
-        "pixel_auroc": float(roc_auc_score(np.concatenate([g.ravel() for g in gts]),
-                                           np.concatenate([m.ravel() for m in pixel_maps]))),
-        "aupro": peer.mvtec_aupro(pixel_maps, gts),
-        "fit_s": meta.get("fit_s"),
-        "score_s_per_image": meta.get("score_s_per_image"),
-    }), flush=True)
+    print(json.dumps(maps_layout.metrics(Path(args.class_dir), Path(args.maps))), flush=True)
 
 
 def main() -> None:

@@ -24,9 +24,8 @@ VENV="${VIGIL_PEER_VENV:-$PWD/.peer-venv}"
 if ! "$VENV/bin/python" -c "import anomalib" 2>/dev/null; then
   bash ../shared/peers/install.sh "$VENV"
 fi
-BIN=./target/release/examples/fastflow_maps
-[ -n "${VIGIL_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p vigil-fastflow --example fastflow_maps
-[ -z "${VIGIL_FASTFLOW_MAPS:-}" ] || BIN="$VIGIL_FASTFLOW_MAPS"
+BIN="${VIGIL_METHOD_MAPS:-./target/release/examples/method_maps}"
+[ -n "${VIGIL_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p vigil-bench --example method_maps
 CORES=$(nproc --all)
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=1 VIGIL_NO_PROGRESS=1
 SCRIPT=benchmarks/fastflow_vs_anomalib/fastflow_side_by_side.py
@@ -35,7 +34,7 @@ rm -f "$OUT/vigil.jsonl" "$OUT/anomalib.jsonl"
 echo "machine: $CORES cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load before: $(cut -d' ' -f1-3 /proc/loadavg); vigil settings $SETTINGS; epochs $EPOCHS"
 for class in "$DATA"/*/; do
   name=$(basename "$class")
-  "$BIN" "$class" "$OUT/vigil/$name" "$SETTINGS" >/dev/null
+  "$BIN" fastflow "$class" "$OUT/vigil/$name" "$SETTINGS" >/dev/null
   "$VENV/bin/python" "$SCRIPT" anomalib --class "$class" --out "$OUT/anomalib/$name" --epochs "$EPOCHS" --threads 1 >/dev/null
   for tool in vigil anomalib; do
     "$VENV/bin/python" "$SCRIPT" metrics --class "$class" --maps "$OUT/$tool/$name" >>"$OUT/$tool.jsonl"

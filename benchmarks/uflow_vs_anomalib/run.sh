@@ -25,7 +25,7 @@ VENV="${VIGIL_PEER_VENV:-$PWD/.peer-venv}"
 if ! "$VENV/bin/python" -c "import anomalib" 2>/dev/null; then
   bash ../shared/peers/install.sh "$VENV"
 fi
-[ -n "${VIGIL_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p vigil-uflow --example uflow_maps
+[ -n "${VIGIL_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p vigil-bench --example method_maps
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 VIGIL_NO_PROGRESS=1
 SCRIPT=benchmarks/uflow_vs_anomalib/uflow_side_by_side.py
 mkdir -p "$OUT"
@@ -33,7 +33,7 @@ rm -f "$OUT/vigil.jsonl" "$OUT/anomalib-$LOSS.jsonl"
 echo "machine: $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg); vigil settings $SETTINGS; anomalib loss $LOSS"
 for class in "$DATA"/*/; do
   name=$(basename "$class")
-  ./target/release/examples/uflow_maps "$class" "$OUT/vigil/$name" "$SETTINGS" >/dev/null
+  ./target/release/examples/method_maps uflow "$class" "$OUT/vigil/$name" "$SETTINGS" >/dev/null
   "$VENV/bin/python" "$SCRIPT" anomalib --class "$class" --out "$OUT/anomalib-$LOSS/$name" --loss "$LOSS" >/dev/null
   for tool in vigil "anomalib-$LOSS"; do
     "$VENV/bin/python" "$SCRIPT" metrics --class "$class" --maps "$OUT/$tool/$name" >>"$OUT/$tool.jsonl"

@@ -11,17 +11,17 @@ cd "$(dirname "$0")/../.."
 OUT="$1"; SETTINGS="$2"; shift 2
 DATA=../shared/data/piped
 VENV="${VIGIL_PEER_VENV:-$PWD/.peer-venv}"
-[ -n "${VIGIL_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p vigil-uflow --example uflow_maps
+[ -n "${VIGIL_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p vigil-bench --example method_maps
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 VIGIL_NO_PROGRESS=1
 SCRIPT=benchmarks/uflow_vs_anomalib/uflow_side_by_side.py
-BIN="${VIGIL_UFLOW_MAPS:-./target/release/examples/uflow_maps}"
+BIN="${VIGIL_METHOD_MAPS:-./target/release/examples/method_maps}"
 echo "machine: $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg); vigil settings $SETTINGS; seeds $*"
 for seed in "$@"; do
   mkdir -p "$OUT/seed$seed"
   rm -f "$OUT/seed$seed.jsonl" "$OUT/seed$seed-blur.jsonl"
   for class in "$DATA"/*/; do
     name=$(basename "$class")
-    "$BIN" "$class" "$OUT/seed$seed/$name" "$SETTINGS" "$seed" >/dev/null
+    "$BIN" uflow "$class" "$OUT/seed$seed/$name" "$SETTINGS" "$seed" >/dev/null
     "$VENV/bin/python" "$SCRIPT" metrics --class "$class" --maps "$OUT/seed$seed/$name" >>"$OUT/seed$seed.jsonl"
     if [ -n "${VIGIL_BLUR:-}" ]; then
       "$VENV/bin/python" "$SCRIPT" metrics --class "$class" --maps "$OUT/seed$seed/$name" --blur "$VIGIL_BLUR" \

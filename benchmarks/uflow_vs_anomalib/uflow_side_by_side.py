@@ -6,7 +6,7 @@ Sub-commands (run with the peer virtualenv, see run.sh):
       Trains anomalib's U-Flow (its own flow, loss, optimiser and scheduler) on train/good, with
       MobileNetV2 features.6 + features.13 from the local ImageNet weights behind the trainable
       per-image LayerNorm([C, H, W]) of anomalib's CNN extractor, and writes the test maps and scores
-      in the layout `uflow_maps` (the vigil example) writes.
+      in the layout `method_maps` (the vigil-bench example) writes.
   metrics --maps DIR --class DIR [--blur SIGMA]
       Image AUROC, pixel AUROC and the exact MVTec AUPRO@0.3 of one maps folder, as one JSON line
       (with --blur, of the maps after a Gaussian blur, as PatchCore post-processes its maps).
@@ -36,12 +36,10 @@ warnings.filterwarnings("ignore")
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
-HERE = Path(__file__).resolve().parent
-PEERS = HERE.parent.parent.parent / "shared" / "peers"
-sys.path.insert(0, str(PEERS))
-import anomalib_bench as peer  # noqa: E402  (backbone loader, data layout and the MVTec AUPRO)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import maps_layout  # noqa: E402  (the maps layout and the metric code both tools are measured with)
+from maps_layout import peer  # noqa: E402  (backbone loader, data layout and the MVTec AUPRO)
 
 # torchvision MobileNetV2: features.6 ends stride 8 (32 channels), features.13 stride 16 (96 channels).
 TAPS = {6: (32, 8), 13: (96, 16)}
@@ -137,8 +135,7 @@ def cmd_anomalib(args) -> None:
                 full = torch.nn.functional.interpolate(amap, size=(h, w), mode="bilinear", align_corners=False)
                 maps.append(full[0, 0].numpy().astype("<f4"))
                 index.append({"path": str(path.relative_to(root)), "score": float(score), "width": w, "height": h})
-    np.concatenate([m.ravel() for m in maps]).tofile(out / "maps.f32")
-    (out / "index.json").write_text(json.dumps({"images": index, "fit_s": fit_s, "epoch_losses": losses}))
+    maps_layout.write_maps(out, maps, index, fit_s=fit_s, epoch_losses=losses)
     print(json.dumps({"class": root.name, "fit_s": fit_s}), flush=True)
 
 
@@ -269,51 +266,15 @@ def cmd_trace(args) -> None:
                     maps.append(amap[0].numpy().astype("<f4"))
                     index.append({"path": path, "score": float(amap.max()),
                                   "width": amap.shape[-1], "height": amap.shape[-2]})
-        np.concatenate([m.ravel() for m in maps]).tofile(out / "maps.f32")
-        (out / "index.json").write_text(json.dumps({"images": index}))
+        maps_layout.write_maps(out, maps, index)
 
     write_maps(Path(args.out) / "pytorch-trained")
     vigil_state_into_anomalib(model, load_safetensors(trace_dir / "final.safetensors"))
     write_maps(Path(args.out) / "vigil-final-in-pytorch")
 
 
-def load_maps(maps_dir: Path):
-    meta = json.loads((maps_dir / "index.json").read_text())
-    flat = np.fromfile(maps_dir / "maps.f32", dtype="<f4")
-    maps, offset = {}, 0
-    for item in meta["images"]:
-        n = item["width"] * item["height"]
-        maps[item["path"]] = (item["score"], flat[offset:offset + n].reshape(item["height"], item["width"]))
-        offset += n
-    if offset != len(flat):
-        raise SystemExit(f"{maps_dir}/maps.f32 holds {len(flat)} values, index.json describes {offset}")
-    return maps
-
-
 def cmd_metrics(args) -> None:
-    root = Path(args.class_dir)
-    maps = load_maps(Path(args.maps))
-    _, test, labels, gts = peer.load_class(root)
-    scores, pixel_maps = [], []
-    for path in test:
-        key = str(path.relative_to(root))
-        if key not in maps:
-            raise SystemExit(f"{args.maps}: no map for {key}")
-        score, m = maps[key]
-        if args.blur > 0:
-            # A Gaussian blur of the map as PatchCore's post-processing (a diagnostic, not U-Flow's).
-            from scipy.ndimage import gaussian_filter
-            m = gaussian_filter(m.astype(np.float64), sigma=args.blur, mode="reflect", truncate=4.0)
-            score = float(m.max())
-        scores.append(score)
-        pixel_maps.append(m)
-    print(json.dumps({
-        "class": root.name,
-        "image_auroc": float(roc_auc_score(labels, scores)),
-        "pixel_auroc": float(roc_auc_score(np.concatenate([g.ravel() for g in gts]),
-                                           np.concatenate([m.ravel() for m in pixel_maps]))),
-        "aupro": peer.mvtec_aupro(pixel_maps, gts),
-    }), flush=True)
+    print(json.dumps(maps_layout.metrics(Path(args.class_dir), Path(args.maps), args.blur)), flush=True)
 
 
 def main() -> None:

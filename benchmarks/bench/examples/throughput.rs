@@ -9,6 +9,10 @@
 //! cargo run --release -p vigil-bench --example throughput -- score-time --model FILE --data DIR [--warmup 3]
 //!     Loads the model and times `Model::score` over every test image (decoded beforehand, after
 //!     warm-up): the method's own scoring time per image, pipeline included, no decoding or writing.
+//! cargo run --release -p vigil-bench --example throughput -- stage-time --model FILE --data DIR
+//!     Times each per-image step of `vigil test` / `vigil predict` one after the other on the test
+//!     images (decoding, scoring, the overlay PNG, the map TIFF, the mask PNG, the report's pictures):
+//!     where the time beyond scoring goes. Files are encoded, not written.
 //! Threads: RAYON_NUM_THREADS (default: all cores).
 
 use std::path::{Path, PathBuf};
@@ -28,7 +32,11 @@ fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("make-data") => make_data(),
         Some("score-time") => score_time(),
-        _ => bail!("usage: throughput make-data --out DIR [--n 40] [--train 20] | score-time --model FILE --data DIR"),
+        Some("stage-time") => stage_time(),
+        _ => bail!(
+            "usage: throughput make-data --out DIR [--n 40] [--train 20] | score-time --model FILE --data DIR \
+             | stage-time --model FILE --data DIR"
+        ),
     }
 }
 
@@ -109,5 +117,43 @@ fn score_time() -> Result<()> {
         images.len(),
         rayon::current_num_threads()
     );
+    Ok(())
+}
+
+fn stage_time() -> Result<()> {
+    let model_path = PathBuf::from(arg("--model").context("--model FILE is required")?);
+    let data = PathBuf::from(arg("--data").context("--data DIR is required")?);
+    let model = Model::load(&model_path, &LoadOptions::default())?;
+    let mut paths = Vec::new();
+    for kind in ["good", "defect"] {
+        paths.extend(vigil_data::io::list_images(&data.join("test").join(kind))?);
+    }
+    const STAGES: [&str; 6] = ["decode", "score", "overlay png", "map tiff", "mask png", "report pictures"];
+    let mut seconds = [0f64; STAGES.len()];
+    let mut timed = |stage: usize, start: Instant| seconds[stage] += start.elapsed().as_secs_f64();
+    for path in &paths {
+        let start = Instant::now();
+        let image = vigil_data::io::load_image(path)?;
+        timed(0, start);
+        let start = Instant::now();
+        let scored = model.score(&image, &path.display().to_string())?;
+        timed(1, start);
+        let predicted = model.pixel_verdicts(&scored);
+        let start = Instant::now();
+        vigil_engine::report::full_overlay(&image, &scored.map, &model.pixel_threshold, &predicted)?;
+        timed(2, start);
+        let start = Instant::now();
+        vigil_data::io::encode_map_tiff(path, &scored.map)?;
+        timed(3, start);
+        let start = Instant::now();
+        vigil_engine::report::encode_mask_png(&predicted)?;
+        timed(4, start);
+        let start = Instant::now();
+        vigil_engine::report::pictures(&image, &scored.map, &model.pixel_threshold, &predicted, None)?;
+        timed(5, start);
+    }
+    for (stage, s) in STAGES.iter().zip(seconds) {
+        println!("{stage:<16} {:7.2} ms/image", s * 1000.0 / paths.len() as f64);
+    }
     Ok(())
 }
