@@ -62,35 +62,54 @@ pub fn pixel_ranking_metrics(
         return Err(VigilError::invalid(format!("{WHAT}: too many images (2^31 or more)")));
     }
     let total: usize = sizes.iter().map(|&(w, h)| w * h).sum();
-    let mut items: Vec<(f32, u32)> = Vec::with_capacity(total);
+    let mut items: Vec<(f32, u32)> = vec![(0.0, 0); total];
+    // Images are checked and their regions labelled side by side, each into its own stretch of
+    // `items`, regions numbered within the image; the numbers are made global below.
+    let labelled: Vec<Result<Vec<u64>>> = split_by_sizes(&mut items, sizes)
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, stretch)| {
+            let ((map, mask), (width, height)) = ((maps[i], masks[i]), sizes[i]);
+            let n = width * height;
+            if map.len() != n || mask.len() != n {
+                return Err(VigilError::invalid(format!(
+                    "{WHAT}: image #{i} is {width}x{height} = {n} pixels but its map holds {} values and its mask {}",
+                    map.len(),
+                    mask.len()
+                )));
+            }
+            check_scores(map, &format!("{WHAT}: image #{i}"))?;
+            let (mut regions, mut region_sizes) = (vec![0u32; n], Vec::new());
+            label_regions(mask, width, height, &mut regions, &mut region_sizes, &mut Vec::new())?;
+            let ok = (i as u32) << 1;
+            for ((item, &s), &r) in stretch.iter_mut().zip(map).zip(&regions) {
+                *item = (s, if r == 0 { ok } else { (r << 1) | DEFECT });
+            }
+            Ok(region_sizes)
+        })
+        .collect();
+    // The first error in image order, as a loop over the images would give.
+    let labelled = labelled.into_iter().collect::<Result<Vec<Vec<u64>>>>()?;
     let mut region_sizes: Vec<u64> = Vec::new();
     let mut region_image: Vec<u32> = Vec::new();
+    let mut first_region = Vec::with_capacity(maps.len());
     let mut defect_pixels = vec![0u64; maps.len()];
-    let (mut regions, mut stack) = (Vec::new(), Vec::new());
-    for (i, ((&map, &mask), &(width, height))) in maps.iter().zip(masks).zip(sizes).enumerate() {
-        let n = width * height;
-        if map.len() != n || mask.len() != n {
-            return Err(VigilError::invalid(format!(
-                "{WHAT}: image #{i} is {width}x{height} = {n} pixels but its map holds {} values and its mask {}",
-                map.len(),
-                mask.len()
-            )));
-        }
-        check_scores(map, &format!("{WHAT}: image #{i}"))?;
-        let first_region = region_sizes.len();
-        regions.clear();
-        regions.resize(n, 0u32);
-        label_regions(mask, width, height, &mut regions, &mut region_sizes, &mut stack)?;
+    for (i, sizes) in labelled.into_iter().enumerate() {
+        first_region.push(region_sizes.len() as u32);
+        defect_pixels[i] = sizes.iter().sum();
+        region_sizes.extend(sizes);
         if region_sizes.len() >= 1 << 31 {
             return Err(VigilError::invalid(format!("{WHAT}: too many defect regions (2^31 or more)")));
         }
         region_image.resize(region_sizes.len(), i as u32);
-        defect_pixels[i] = region_sizes[first_region..].iter().sum();
-        let ok = (i as u32) << 1;
-        items.extend(
-            map.iter().zip(&regions).map(|(&s, &r)| (s, if r == 0 { ok } else { (r << 1) | DEFECT })),
-        );
     }
+    split_by_sizes(&mut items, sizes).into_par_iter().zip(first_region).for_each(|(stretch, first)| {
+        if first > 0 {
+            for item in stretch.iter_mut().filter(|item| item.1 & DEFECT == DEFECT) {
+                item.1 += first << 1;
+            }
+        }
+    });
     if region_sizes.is_empty() {
         return Err(VigilError::invalid(format!(
             "{WHAT}: no ground-truth anomalous region in any mask; the pixel metrics are undefined"
@@ -110,36 +129,33 @@ pub fn pixel_ranking_metrics(
     // The PRO curve is [(0,0), one point per cut, (1,1)], thinned as Curve::downsampled does:
     // the cuts are counted first so that the kept points are known as they come.
     let cuts = 1 + items.par_windows(2).filter(|w| w[0].0 != w[1].0).count();
-    let curve_len = cuts + 2;
-    let kept = curve_points.max(2);
-    let wanted = |k: usize| if curve_len <= kept { k } else { k * (curve_len - 1) / (kept - 1) };
-    let mut points = Vec::with_capacity(kept.min(curve_len));
-    let mut next_kept = 0;
-    let mut keep = |index: usize, point: CurvePoint| {
-        if next_kept < kept.min(curve_len) && wanted(next_kept) == index {
-            points.push(point);
-            next_kept += 1;
-        }
-    };
-    keep(0, CurvePoint { x: 0.0, y: 0.0, threshold: f64::INFINITY });
+    let mut points = KeptPoints::new(cuts + 2, curve_points.max(2));
+    points.offer(0, || CurvePoint { x: 0.0, y: 0.0, threshold: f64::INFINITY });
 
-    // Ranking (binary.rs): cumulative counts per cut.
+    // Ranking (binary.rs): cumulative counts per cut. The area under the ROC curve grows by
+    // (fp - prev_fp) * (tp + prev_tp) per cut; it is added where tp changes (and at the end), the
+    // cuts in between, at one tp, all at once: the same integer.
     let (mut tp, mut fp) = (0u64, 0u64);
-    let (mut doubled_area, mut prev_tp, mut prev_fp) = (0u128, 0u64, 0u64);
+    let (mut doubled_area, mut anchor_tp, mut anchor_fp) = (0u128, 0u64, 0u64);
     let (mut ap, mut ap_tp) = (0.0f64, 0u64);
     // PRO (pro.rs).
     let mut overlap_sum = 0.0f64;
+    let mut pro = 0.0f64;
     let mut integral = LimitedTrapezoid::new(aupro_limit, (0.0, 0.0));
-    // Oracle mIoU (segmentation.rs).
+    // Oracle mIoU (segmentation.rs); each image's current IoU term is kept, so it is divided once.
     let term = |inter: u64, union: u64| (inter as f64 + IOU_EPSILON) / (union as f64 + IOU_EPSILON);
     let images = maps.len() as f64;
     let mut intersection = vec![0u64; maps.len()];
     let mut union = defect_pixels;
+    let mut terms: Vec<f64> = union.iter().map(|&u| term(0, u)).collect();
     let mut sum = CompensatedSum::default();
-    for &u in &union {
-        sum.add(term(0, u));
+    for &t in &terms {
+        sum.add(t);
     }
-    let mut best = MeanIouOptimum { mean_iou: sum.value() / images, threshold: items[0].0 as f64 };
+    // The mean is the sum over a fixed count, so a sum no larger than the best one's cannot give a
+    // larger mean (division rounds monotonically): those cuts skip the division.
+    let mut best_sum = sum.value();
+    let mut best = MeanIouOptimum { mean_iou: best_sum / images, threshold: items[0].0 as f64 };
     let mut touched: Vec<usize> = Vec::new();
     let mut is_touched = vec![false; maps.len()];
 
@@ -150,6 +166,7 @@ pub fn pixel_ranking_metrics(
         while end < items.len() && items[end].0 == score {
             end += 1;
         }
+        let (tp_before, fp_before) = (tp, fp);
         for &(_, payload) in &items[start..end] {
             let image = if payload & DEFECT == DEFECT {
                 let region = (payload >> 1) as usize - 1;
@@ -163,7 +180,7 @@ pub fn pixel_ranking_metrics(
             if !is_touched[image] {
                 is_touched[image] = true;
                 touched.push(image);
-                sum.add(-term(intersection[image], union[image]));
+                sum.add(-terms[image]);
             }
             if payload & DEFECT == DEFECT {
                 intersection[image] += 1;
@@ -171,40 +188,105 @@ pub fn pixel_ranking_metrics(
                 union[image] += 1;
             }
         }
-        doubled_area += (fp - prev_fp) as u128 * (tp + prev_tp) as u128;
-        (prev_tp, prev_fp) = (tp, fp);
-        if tp > ap_tp {
-            ap += (tp - ap_tp) as f64 / anomalous as f64 * tp as f64 / (tp + fp) as f64;
-            ap_tp = tp;
+        if tp != tp_before {
+            doubled_area += (fp_before - anchor_fp) as u128 * (2 * anchor_tp) as u128
+                + (fp - fp_before) as u128 * (tp + anchor_tp) as u128;
+            (anchor_tp, anchor_fp) = (tp, fp);
+            if tp > ap_tp {
+                ap += (tp - ap_tp) as f64 / anomalous as f64 * tp as f64 / (tp + fp) as f64;
+                ap_tp = tp;
+            }
+            pro = (overlap_sum / region_count).min(1.0);
         }
-        let fpr = (fp as f64 / ok_pixels as f64).min(1.0);
-        let pro = (overlap_sum / region_count).min(1.0);
-        integral.push(fpr, pro);
-        keep(cut, CurvePoint { x: fpr, y: pro, threshold: score as f64 });
+        // Past the FPR limit the rates are needed only for the kept points of the curve.
+        if !integral.done() || points.due(cut) {
+            let fpr = (fp as f64 / ok_pixels as f64).min(1.0);
+            integral.push(fpr, pro);
+            points.offer(cut, || CurvePoint { x: fpr, y: pro, threshold: score as f64 });
+        }
         for image in touched.drain(..) {
             is_touched[image] = false;
-            sum.add(term(intersection[image], union[image]));
+            terms[image] = term(intersection[image], union[image]);
+            sum.add(terms[image]);
         }
-        let mean_iou = sum.value() / images;
-        if mean_iou > best.mean_iou {
-            let next_lower = items.get(end).map(|item| item.0 as f64);
-            best = MeanIouOptimum { mean_iou, threshold: threshold_below(score as f64, next_lower) };
+        let value = sum.value();
+        if value > best_sum {
+            let mean_iou = value / images;
+            if mean_iou > best.mean_iou {
+                let next_lower = items.get(end).map(|item| item.0 as f64);
+                best = MeanIouOptimum { mean_iou, threshold: threshold_below(score as f64, next_lower) };
+                best_sum = value;
+            }
         }
         start = end;
     }
+    doubled_area += (fp - anchor_fp) as u128 * (2 * anchor_tp) as u128;
     integral.push(1.0, 1.0);
-    keep(cuts + 1, CurvePoint { x: 1.0, y: 1.0, threshold: f64::NEG_INFINITY });
+    points.offer(cuts + 1, || CurvePoint { x: 1.0, y: 1.0, threshold: f64::NEG_INFINITY });
     Ok(PixelRankingMetrics {
         roc_auc: doubled_area as f64 / (2.0 * anomalous as f64 * ok_pixels as f64),
         average_precision: ap,
         aupro: integral.area() / aupro_limit,
-        pro_curve: Curve { points },
+        pro_curve: Curve { points: points.points },
         oracle_mean_iou: best,
     })
 }
 
+/// `items` cut into one stretch per image, of its size.
+fn split_by_sizes<'a>(items: &'a mut [(f32, u32)], sizes: &[(usize, usize)]) -> Vec<&'a mut [(f32, u32)]> {
+    let mut stretches = Vec::with_capacity(sizes.len());
+    let mut rest = items;
+    for &(w, h) in sizes {
+        let (stretch, tail) = rest.split_at_mut(w * h);
+        stretches.push(stretch);
+        rest = tail;
+    }
+    stretches
+}
+
+/// The points of a curve of `len` points that [`Curve::downsampled`] keeps (at most `kept`),
+/// collected as the curve is walked: the index of the next one is known in advance.
+struct KeptPoints {
+    len: usize,
+    kept: usize,
+    next: usize,
+    points: Vec<CurvePoint>,
+}
+
+impl KeptPoints {
+    fn new(len: usize, kept: usize) -> KeptPoints {
+        let mut k = KeptPoints { len, kept, next: 0, points: Vec::with_capacity(kept.min(len)) };
+        k.next = k.wanted(0);
+        k
+    }
+
+    /// The index of the curve's point kept as the `k`-th, or none (usize::MAX) once all are.
+    fn wanted(&self, k: usize) -> usize {
+        if k >= self.kept.min(self.len) {
+            usize::MAX
+        } else if self.len <= self.kept {
+            k
+        } else {
+            k * (self.len - 1) / (self.kept - 1)
+        }
+    }
+
+    fn due(&self, index: usize) -> bool {
+        index == self.next
+    }
+
+    /// Keeps the point at `index` (made by `point`) if it is one of the kept.
+    fn offer(&mut self, index: usize, point: impl FnOnce() -> CurvePoint) {
+        if self.due(index) {
+            self.points.push(point());
+            self.next = self.wanted(self.points.len());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use crate::{aupro_and_pro_curve, oracle_mean_iou, roc_auc_and_average_precision};
 

@@ -183,6 +183,11 @@ impl LimitedTrapezoid {
     pub(crate) fn area(&self) -> f64 {
         self.area
     }
+
+    /// Whether a point beyond the limit has been pushed: later points change nothing.
+    pub(crate) fn done(&self) -> bool {
+        self.done
+    }
 }
 
 pub(crate) fn check_limit(fpr_limit: f64) -> Result<()> {
