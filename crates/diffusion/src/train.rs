@@ -72,8 +72,8 @@ impl TrainSettings {
 pub struct TrainingImages {
     data: Vec<f32>,
     count: usize,
-    channels: usize,
-    size: usize,
+    pub(crate) channels: usize,
+    pub(crate) size: usize,
 }
 
 impl TrainingImages {
@@ -100,7 +100,7 @@ impl TrainingImages {
         self.count == 0
     }
 
-    fn image(&self, i: usize) -> &[f32] {
+    pub(crate) fn image(&self, i: usize) -> &[f32] {
         let n = self.channels * self.size * self.size;
         &self.data[i * n..(i + 1) * n]
     }
@@ -118,7 +118,7 @@ pub fn batch_indices(n: usize, batch: usize, seed: u64, step: usize) -> Vec<usiz
 }
 
 /// A generator that depends only on (seed, index).
-fn step_rng(seed: u64, index: usize) -> ChaCha8Rng {
+pub(crate) fn step_rng(seed: u64, index: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(index as u64);
     rng
