@@ -5,6 +5,7 @@
 pub mod block;
 pub mod calibration;
 pub mod maxtree;
+pub mod noise;
 pub mod polyomino;
 pub mod region;
 pub mod tails;
