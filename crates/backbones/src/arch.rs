@@ -6,7 +6,7 @@ use vigil_core::Result;
 use crate::kernels::Nhwc;
 use crate::layers::{
     resnet_max_pool, resnet_stem_nhwc, Activation, Classifier, ConvBn, ConvSpec, InvertedResidual, Padding,
-    ResidualBlock,
+    ResidualBlock, SqueezeExcitation,
 };
 use crate::params::Params;
 use crate::BackboneKind;
@@ -33,6 +33,20 @@ pub(crate) const EFFICIENTNET_LITE0_BLOCKS: [(usize, usize, usize, usize, usize,
     (3, 5, 1, 6, 80, 112),
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
+];
+
+/// torchvision's EfficientNet-B5 MBConv stages `features.1` .. `features.7`: (expansion,
+/// kernel, first stride, input channels, output channels, repeats). They are EfficientNet-B0's
+/// with width 1.6 (channels rounded to a multiple of 8, never below 90 % of the product) and
+/// depth 2.2 (repeats rounded up).
+pub(crate) const EFFICIENTNET_B5_BLOCKS: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (1, 3, 1, 48, 24, 3),
+    (6, 3, 2, 24, 40, 5),
+    (6, 5, 2, 40, 64, 5),
+    (6, 3, 2, 64, 128, 7),
+    (6, 5, 1, 128, 176, 7),
+    (6, 5, 2, 176, 304, 9),
+    (6, 3, 1, 304, 512, 3),
 ];
 
 #[derive(Clone)]
@@ -98,6 +112,7 @@ pub(crate) fn build(kind: BackboneKind, params: &mut dyn Params, device: &Device
     match kind {
         BackboneKind::MobileNetV2 => mobilenet_v2(params, device),
         BackboneKind::EfficientNetLite0 => efficientnet_lite0(params, device),
+        BackboneKind::EfficientNetB5 => efficientnet_b5(params, device),
         BackboneKind::ResNet18 => resnet(&[2, 2, 2, 2], ResNetBlock::Basic, params, device),
         BackboneKind::ResNet50 => {
             resnet(&[3, 4, 6, 3], ResNetBlock::Bottleneck { width_factor: 1 }, params, device)
@@ -129,16 +144,16 @@ impl ConvLoader<'_> {
         self.grouped(conv, bn, (in_channels, out_channels), (kernel, stride), 1, activation)
     }
 
-    /// Depthwise kxk convolution (one filter per channel), always followed by ReLU6 here.
+    /// Depthwise kxk convolution (one filter per channel).
     fn depthwise(
         &mut self,
         conv: &str,
         bn: &str,
         channels: usize,
-        kernel: usize,
-        stride: usize,
+        (kernel, stride): (usize, usize),
+        activation: Activation,
     ) -> Result<ConvBn> {
-        self.grouped(conv, bn, (channels, channels), (kernel, stride), channels, Activation::Relu6)
+        self.grouped(conv, bn, (channels, channels), (kernel, stride), channels, activation)
     }
 
     fn grouped(
@@ -220,14 +235,14 @@ fn mobilenet_v2(params: &mut dyn Params, device: &Device) -> Result<Network> {
             }
             let (conv, bn) =
                 (format!("{name}.conv.{depthwise_index}.0"), format!("{name}.conv.{depthwise_index}.1"));
-            convs.push(load.depthwise(&conv, &bn, hidden, 3, stride)?);
+            convs.push(load.depthwise(&conv, &bn, hidden, (3, stride), Activation::Relu6)?);
             let (conv, bn) = (
                 format!("{name}.conv.{}", depthwise_index + 1),
                 format!("{name}.conv.{}", depthwise_index + 2),
             );
             convs.push(load.conv(&conv, &bn, (hidden, out_channels), 1, 1, Activation::Identity)?);
             let residual = stride == 1 && in_channels == out_channels;
-            let block = Block::Inverted(InvertedResidual { convs, residual });
+            let block = Block::Inverted(InvertedResidual { convs, squeeze_excitation: None, residual });
             stages.push(Stage { name, channels: out_channels, stride: total_stride, block, branch: false });
             in_channels = out_channels;
         }
@@ -271,11 +286,11 @@ fn efficientnet_lite0(params: &mut dyn Params, device: &Device) -> Result<Networ
                 convs.push(load.conv(&conv, &bn, (in_channels, hidden), 1, 1, Activation::Relu6)?);
             }
             let (conv, bn) = (format!("{name}._depthwise_conv"), format!("{name}._bn1"));
-            convs.push(load.depthwise(&conv, &bn, hidden, kernel, stride)?);
+            convs.push(load.depthwise(&conv, &bn, hidden, (kernel, stride), Activation::Relu6)?);
             let (conv, bn) = (format!("{name}._project_conv"), format!("{name}._bn2"));
             convs.push(load.conv(&conv, &bn, (hidden, out_channels), 1, 1, Activation::Identity)?);
             let residual = stride == 1 && in_channels == out_channels;
-            let block = Block::Inverted(InvertedResidual { convs, residual });
+            let block = Block::Inverted(InvertedResidual { convs, squeeze_excitation: None, residual });
             stages.push(Stage { name, channels: out_channels, stride: total_stride, block, branch: false });
             index += 1;
         }
@@ -289,6 +304,73 @@ fn efficientnet_lite0(params: &mut dyn Params, device: &Device) -> Result<Networ
         branch: false,
     });
     let classifier = Classifier::load("_fc", 1280, 1000, load.params, device)?;
+    Ok(Network { stages, classifier })
+}
+
+/// torchvision `efficientnet_b5`: the stem `features.0`, every MBConv block as its own stage
+/// `features.S.B` (S = 1..7, e.g. CS-Flow's `features.6.8`), the head `features.8`, and
+/// `classifier.1`. Symmetric padding (k / 2), SiLU, squeeze-excitation to a quarter of the
+/// block's input channels, batch norm eps 1e-3 (torchvision's choice for B5-B7, whose weights
+/// were ported from TensorFlow); stochastic depth is the identity at inference.
+fn efficientnet_b5(params: &mut dyn Params, device: &Device) -> Result<Network> {
+    let mut load = ConvLoader { params, device, bn_eps: 1e-3, tf_same: false };
+    let stem = load.conv("features.0.0", "features.0.1", (3, 48), 3, 2, Activation::Silu)?;
+    let mut stages = vec![Stage {
+        name: "features.0".into(),
+        channels: 48,
+        stride: 2,
+        block: Block::Conv(stem),
+        branch: false,
+    }];
+    let mut total_stride = 2;
+    for (stage, (expansion, kernel, first_stride, first_in, out_channels, repeats)) in
+        (1..).zip(EFFICIENTNET_B5_BLOCKS)
+    {
+        for repeat in 0..repeats {
+            let (stride, in_channels) =
+                if repeat == 0 { (first_stride, first_in) } else { (1, out_channels) };
+            total_stride *= stride;
+            let name = format!("features.{stage}.{repeat}");
+            let hidden = in_channels * expansion;
+            // block.0 is the expand conv when there is one; the depthwise conv, the
+            // squeeze-excitation and the projection follow it.
+            let mut index = 0;
+            let mut part = || {
+                index += 1;
+                format!("{name}.block.{}", index - 1)
+            };
+            let mut convs = Vec::with_capacity(3);
+            if expansion != 1 {
+                let expand = part();
+                let (conv, bn) = (format!("{expand}.0"), format!("{expand}.1"));
+                convs.push(load.conv(&conv, &bn, (in_channels, hidden), 1, 1, Activation::Silu)?);
+            }
+            let depthwise = part();
+            let (conv, bn) = (format!("{depthwise}.0"), format!("{depthwise}.1"));
+            convs.push(load.depthwise(&conv, &bn, hidden, (kernel, stride), Activation::Silu)?);
+            let squeezed = (in_channels / 4).max(1);
+            let squeeze_excitation = SqueezeExcitation::load(&part(), hidden, squeezed, load.params, device)?;
+            let project = part();
+            let (conv, bn) = (format!("{project}.0"), format!("{project}.1"));
+            convs.push(load.conv(&conv, &bn, (hidden, out_channels), 1, 1, Activation::Identity)?);
+            let residual = stride == 1 && in_channels == out_channels;
+            let block = Block::Inverted(InvertedResidual {
+                convs,
+                squeeze_excitation: Some(Box::new(squeeze_excitation)),
+                residual,
+            });
+            stages.push(Stage { name, channels: out_channels, stride: total_stride, block, branch: false });
+        }
+    }
+    let head = load.conv("features.8.0", "features.8.1", (512, 2048), 1, 1, Activation::Silu)?;
+    stages.push(Stage {
+        name: "features.8".into(),
+        channels: 2048,
+        stride: total_stride,
+        block: Block::Conv(head),
+        branch: false,
+    });
+    let classifier = Classifier::load("classifier.1", 2048, 1000, load.params, device)?;
     Ok(Network { stages, classifier })
 }
 

@@ -367,7 +367,51 @@ fn activate(values: &mut [f32], activation: Activation) {
         Activation::Identity => {}
         Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
         Activation::Relu6 => values.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+        Activation::Silu => values.iter_mut().for_each(|v| *v *= sigmoid(*v)),
     }
+}
+
+/// 1 / (1 + e^-x); for very negative x the exponential overflows to infinity and gives 0.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+/// Squeeze-excitation in place: channel c of `x` is multiplied by
+/// sigmoid(expand_c · silu(reduce · means + reduce_bias) + expand_bias_c), the means taken over
+/// all pixels. Weights are row-major, `reduce` `[squeezed][channels]` and `expand`
+/// `[channels][squeezed]`. The gates are a few small dot products; the rescaling is split
+/// into rows among the threads.
+pub(crate) fn squeeze_excite(
+    x: &mut Nhwc,
+    (reduce, reduce_bias): (&[f32], &[f32]),
+    (expand, expand_bias): (&[f32], &[f32]),
+) {
+    let channels = x.channels;
+    let means = x.channel_means();
+    let squeezed: Vec<f32> = reduce
+        .chunks_exact(channels)
+        .zip(reduce_bias)
+        .map(|(row, b)| {
+            let v = b + dot(row, &means);
+            v * sigmoid(v)
+        })
+        .collect();
+    let gates: Vec<f32> = expand
+        .chunks_exact(squeezed.len())
+        .zip(expand_bias)
+        .map(|(row, b)| sigmoid(b + dot(row, &squeezed)))
+        .collect();
+    debug_assert_eq!(gates.len(), channels);
+    x.data.par_chunks_mut(x.width * channels).for_each(|row| {
+        for pixel in row.chunks_exact_mut(channels) {
+            pixel.iter_mut().zip(&gates).for_each(|(v, g)| *v *= g);
+        }
+    });
 }
 
 /// torchvision's ResNet stem pooling, 3x3 stride 2 padding 1 (padding never wins the max).
@@ -556,7 +600,7 @@ mod tests {
         let conv = PackedConv::new(&weight, bias, (cin, cout), (1, 1), 1);
         let input = Nhwc::from_planar(cin, h, w, &x);
         let plain = conv.run(&input, (0, 0, 0, 0), None, Activation::Identity);
-        for activation in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+        for activation in [Activation::Identity, Activation::Relu, Activation::Relu6, Activation::Silu] {
             let got = conv.run(&input, (0, 0, 0, 0), Some(&residual), activation);
             for ((g, p), r) in got.data.iter().zip(&plain.data).zip(&residual.data) {
                 let sum = p + r;
@@ -564,8 +608,46 @@ mod tests {
                     Activation::Identity => sum,
                     Activation::Relu => sum.max(0.0),
                     Activation::Relu6 => sum.clamp(0.0, 6.0),
+                    Activation::Silu => (f64::from(sum) / (1.0 + (-f64::from(sum)).exp())) as f32,
                 };
                 assert!((g - want).abs() < 1e-5, "{activation:?}: {g} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn squeeze_excitation_matches_a_direct_reference() {
+        // 20 channels squeezed to 5, on a 3x7 map; computed in f64 from the definition.
+        let (c, squeezed, h, w) = (20, 5, 3, 7);
+        let planar = values(c * h * w, 14);
+        let reduce = values(squeezed * c, 15);
+        let reduce_bias = values(squeezed, 16);
+        let expand = values(c * squeezed, 17);
+        let expand_bias = values(c, 18);
+        let mut x = Nhwc::from_planar(c, h, w, &planar);
+        squeeze_excite(&mut x, (&reduce, &reduce_bias), (&expand, &expand_bias));
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let means: Vec<f64> = planar
+            .chunks_exact(h * w)
+            .map(|plane| plane.iter().map(|&v| f64::from(v)).sum::<f64>() / (h * w) as f64)
+            .collect();
+        let hidden: Vec<f64> = (0..squeezed)
+            .map(|s| {
+                let v = f64::from(reduce_bias[s])
+                    + (0..c).map(|i| f64::from(reduce[s * c + i]) * means[i]).sum::<f64>();
+                v * sigmoid(v)
+            })
+            .collect();
+        let got = x.to_planar();
+        for ch in 0..c {
+            let gate = sigmoid(
+                f64::from(expand_bias[ch])
+                    + (0..squeezed).map(|s| f64::from(expand[ch * squeezed + s]) * hidden[s]).sum::<f64>(),
+            );
+            for p in 0..h * w {
+                let want = f64::from(planar[ch * h * w + p]) * gate;
+                let error = (f64::from(got[ch * h * w + p]) - want).abs();
+                assert!(error < 1e-5, "channel {ch} pixel {p}: error {error}");
             }
         }
     }

@@ -1,13 +1,13 @@
 //! Inference-only building blocks: convolutions with their batch norm folded in, and the
 //! blocks the supported architectures are made of.
 
-use burn::tensor::activation::{relu, relu6};
+use burn::tensor::activation::{relu, relu6, sigmoid, silu};
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use vigil_core::Result;
 
-use crate::kernels::{max_pool_3x3_s2, Nhwc, PackedConv, Pads};
+use crate::kernels::{max_pool_3x3_s2, squeeze_excite, Nhwc, PackedConv, Pads};
 use crate::params::Params;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -15,6 +15,8 @@ pub(crate) enum Activation {
     Identity,
     Relu,
     Relu6,
+    /// x · sigmoid(x), EfficientNet-B0..B7's activation ("swish").
+    Silu,
 }
 
 /// How a convolution pads its input.
@@ -140,6 +142,7 @@ impl ConvBn {
             Activation::Identity => y,
             Activation::Relu => relu(y),
             Activation::Relu6 => relu6(y),
+            Activation::Silu => silu(y),
         }
     }
 
@@ -170,17 +173,26 @@ pub(crate) fn resnet_max_pool(x: Tensor<4>) -> Tensor<4> {
     max_pool2d(x, options)
 }
 
-/// The inverted residual of MobileNetV2 and the (squeeze-excite-free) MBConv of
-/// EfficientNet-Lite: expand 1x1, depthwise kxk, project 1x1, plus the input when shapes allow.
+/// The inverted residual of MobileNetV2 and the MBConv of EfficientNet: expand 1x1, depthwise
+/// kxk, squeeze-excitation (EfficientNet-B5; none in MobileNetV2 and EfficientNet-Lite), project
+/// 1x1, plus the input when shapes allow.
 #[derive(Clone)]
 pub(crate) struct InvertedResidual {
     pub convs: Vec<ConvBn>,
+    /// Rescales the channels of the depthwise output, before the projection (the last conv).
+    /// Boxed: it holds four tensors, and most blocks have none.
+    pub squeeze_excitation: Option<Box<SqueezeExcitation>>,
     pub residual: bool,
 }
 
 impl InvertedResidual {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = self.convs.iter().fold(x.clone(), |y, conv| conv.forward(y));
+        let (project, inner) = self.convs.split_last().expect("a block has at least one convolution");
+        let mut y = inner.iter().fold(x.clone(), |y, conv| conv.forward(y));
+        if let Some(se) = &self.squeeze_excitation {
+            y = se.forward(y);
+        }
+        let y = project.forward(y);
         if self.residual {
             y + x
         } else {
@@ -189,13 +201,88 @@ impl InvertedResidual {
     }
 
     pub fn forward_nhwc(&self, x: &Nhwc) -> Nhwc {
-        let last = self.convs.len() - 1;
+        let (project, inner) = self.convs.split_last().expect("a block has at least one convolution");
         let mut y: Option<Nhwc> = None;
-        for (i, conv) in self.convs.iter().enumerate() {
-            let residual = (i == last && self.residual).then_some(x);
-            y = Some(conv.forward_nhwc(y.as_ref().unwrap_or(x), residual, None));
+        for conv in inner {
+            y = Some(conv.forward_nhwc(y.as_ref().unwrap_or(x), None, None));
         }
-        y.expect("a block has at least one convolution")
+        if let (Some(se), Some(y)) = (&self.squeeze_excitation, y.as_mut()) {
+            se.forward_nhwc(y);
+        }
+        project.forward_nhwc(y.as_ref().unwrap_or(x), self.residual.then_some(x), None)
+    }
+}
+
+/// torchvision's `SqueezeExcitation` as EfficientNet uses it: the channel means through a 1x1
+/// convolution (`fc1`, with bias) to a few channels, SiLU, a 1x1 convolution back (`fc2`), a
+/// sigmoid, and each input channel multiplied by its gate.
+#[derive(Clone)]
+pub(crate) struct SqueezeExcitation {
+    /// PyTorch layouts: `fc1` `[squeezed, channels, 1, 1]`, `fc2` `[channels, squeezed, 1, 1]`.
+    reduce_weight: Tensor<4>,
+    reduce_bias: Tensor<1>,
+    expand_weight: Tensor<4>,
+    expand_bias: Tensor<1>,
+    /// The same values as `[squeezed][channels]`, `[squeezed]`, `[channels][squeezed]`,
+    /// `[channels]`, for the CPU kernels.
+    reduce_rows: Vec<f32>,
+    reduce_bias_values: Vec<f32>,
+    expand_rows: Vec<f32>,
+    expand_bias_values: Vec<f32>,
+}
+
+impl SqueezeExcitation {
+    /// `name.fc1` and `name.fc2`, each with `weight` and `bias`.
+    pub fn load(
+        name: &str,
+        channels: usize,
+        squeezed: usize,
+        params: &mut dyn Params,
+        device: &Device,
+    ) -> Result<SqueezeExcitation> {
+        let reduce_rows = params.take(&format!("{name}.fc1.weight"), &[squeezed, channels, 1, 1])?;
+        let reduce_bias_values = params.take(&format!("{name}.fc1.bias"), &[squeezed])?;
+        let expand_rows = params.take(&format!("{name}.fc2.weight"), &[channels, squeezed, 1, 1])?;
+        let expand_bias_values = params.take(&format!("{name}.fc2.bias"), &[channels])?;
+        let tensor4 = |values: &[f32], shape: [usize; 4]| {
+            Tensor::<4>::from_data(TensorData::new(values.to_vec(), shape), device)
+        };
+        let tensor1 =
+            |values: &[f32]| Tensor::<1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
+        Ok(SqueezeExcitation {
+            reduce_weight: tensor4(&reduce_rows, [squeezed, channels, 1, 1]),
+            reduce_bias: tensor1(&reduce_bias_values),
+            expand_weight: tensor4(&expand_rows, [channels, squeezed, 1, 1]),
+            expand_bias: tensor1(&expand_bias_values),
+            reduce_rows,
+            reduce_bias_values,
+            expand_rows,
+            expand_bias_values,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [n, c, h, w] = x.dims();
+        let pooled = x.clone().reshape([n, c, h * w]).mean_dim(2).reshape([n, c, 1, 1]);
+        let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+        let squeezed = silu(conv2d(
+            pooled,
+            self.reduce_weight.clone(),
+            Some(self.reduce_bias.clone()),
+            pointwise.clone(),
+        ));
+        let gates =
+            sigmoid(conv2d(squeezed, self.expand_weight.clone(), Some(self.expand_bias.clone()), pointwise));
+        x * gates
+    }
+
+    /// Rescales `x`'s channels in place.
+    pub fn forward_nhwc(&self, x: &mut Nhwc) {
+        squeeze_excite(
+            x,
+            (&self.reduce_rows, &self.reduce_bias_values),
+            (&self.expand_rows, &self.expand_bias_values),
+        );
     }
 }
 

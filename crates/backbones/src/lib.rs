@@ -1,12 +1,13 @@
 //! Pretrained feature extractors on burn, loaded from checkpoints with PyTorch names.
 //!
-//! Five ImageNet backbones, each split into stages named after the PyTorch module whose output
+//! Six ImageNet backbones, each split into stages named after the PyTorch module whose output
 //! they are, so PatchCore, PaDiM or U-Flow can tap intermediate features:
 //!
 //! | [`BackboneKind`] | parses from | tappable layers (channels, stride) |
 //! |---|---|---|
 //! | `MobileNetV2` (torchvision) | `mobilenet_v2` | `features.0` .. `features.18`; usual taps `features.3` (24, 4), `features.6` (32, 8), `features.13` (96, 16) |
 //! | `EfficientNetLite0` (lukemelas/ml-illustrated names) | `efficientnet_lite0` | `_conv_stem`, `_blocks.0` .. `_blocks.15`, `_conv_head`; e.g. `_blocks.2` (24, 4), `_blocks.4` (40, 8), `_blocks.10` (112, 16) |
+//! | `EfficientNetB5` (torchvision) | `efficientnet_b5` | `features.0` (stem), every MBConv block `features.1.0` .. `features.7.2`, `features.8` (head, 2048); e.g. `features.2.4` (40, 4), `features.3.4` (64, 8), `features.5.6` (176, 16), `features.6.8` (304, 32, CS-Flow's tap) |
 //! | `ResNet18`, `ResNet50`, `WideResNet50` (torchvision) | `resnet18`, `resnet50`, `wide_resnet50_2` | `maxpool` (64, 4), `layer1` .. `layer4` (strides 4, 8, 16, 32); ResNet-50 and WRN-50-2 also `layer1.0.conv3` (256, 4): the first bottleneck's third convolution before its batch norm, residual and ReLU |
 //!
 //! Batch norm runs in eval mode and is folded into the preceding convolution at load time.
@@ -66,7 +67,7 @@
 //! resized with bilinear interpolation, half-pixel centres and no antialiasing (PyTorch
 //! `F.interpolate(mode="bilinear", align_corners=False, antialias=False)`; torchvision's `Resize`
 //! antialiases when it shrinks, PIL too, so strong downscaling differs slightly from those), then
-//! normalised as the backbone was trained: ImageNet mean/std for torchvision models,
+//! normalised as the backbone was trained: ImageNet mean/std for torchvision models (EfficientNet-B5 included),
 //! `(x - 0.5) / 0.5` for EfficientNet-Lite.
 
 mod arch;
@@ -94,14 +95,19 @@ use crate::params::{Params, PrefixParams, RandomParams, StateParams};
 pub use crate::trainable::{TrainableBackbone, TrainableConvBn};
 
 /// The supported backbones. Serialised in kebab-case (`mobilenet-v2`, `efficientnet-lite0`,
-/// `resnet18`, `resnet50`, `wide-resnet50-2`); parsed from either that or the torchvision
-/// names (`mobilenet_v2`, `efficientnet_lite0`, `wide_resnet50_2`), which `Display` prints.
+/// `efficientnet-b5`, `resnet18`, `resnet50`, `wide-resnet50-2`); parsed from either that or the
+/// torchvision names (`mobilenet_v2`, `efficientnet_lite0`, `efficientnet_b5`, `wide_resnet50_2`),
+/// which `Display` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BackboneKind {
     #[serde(rename = "mobilenet-v2")]
     MobileNetV2,
     #[serde(rename = "efficientnet-lite0")]
     EfficientNetLite0,
+    /// torchvision's EfficientNet-B5 (SiLU, squeeze-excitation); no weights are shipped:
+    /// torchvision's `EfficientNet_B5_Weights.IMAGENET1K_V1` state dict is the one to bring.
+    #[serde(rename = "efficientnet-b5")]
+    EfficientNetB5,
     #[serde(rename = "resnet18")]
     ResNet18,
     #[serde(rename = "resnet50")]
@@ -111,9 +117,10 @@ pub enum BackboneKind {
 }
 
 impl BackboneKind {
-    pub const ALL: [BackboneKind; 5] = [
+    pub const ALL: [BackboneKind; 6] = [
         BackboneKind::MobileNetV2,
         BackboneKind::EfficientNetLite0,
+        BackboneKind::EfficientNetB5,
         BackboneKind::ResNet18,
         BackboneKind::ResNet50,
         BackboneKind::WideResNet50,
@@ -124,9 +131,26 @@ impl BackboneKind {
         match self {
             BackboneKind::MobileNetV2 => "mobilenet_v2",
             BackboneKind::EfficientNetLite0 => "efficientnet_lite0",
+            BackboneKind::EfficientNetB5 => "efficientnet_b5",
             BackboneKind::ResNet18 => "resnet18",
             BackboneKind::ResNet50 => "resnet50",
             BackboneKind::WideResNet50 => "wide_resnet50_2",
+        }
+    }
+
+    /// Where pretrained weights for this backbone come from, for error messages.
+    pub fn weights_source(self) -> &'static str {
+        match self {
+            BackboneKind::MobileNetV2 => "torchvision's MobileNet_V2_Weights.IMAGENET1K_V1",
+            BackboneKind::EfficientNetLite0 => {
+                "the ml-illustrated EfficientNet-Lite0 port, shipped in shared/weights/efficientnet_lite0"
+            }
+            BackboneKind::EfficientNetB5 => {
+                "torchvision's EfficientNet_B5_Weights.IMAGENET1K_V1, efficientnet_b5_lukemelas-1a07897c.pth"
+            }
+            BackboneKind::ResNet18 => "torchvision's resnet18 ImageNet state dict",
+            BackboneKind::ResNet50 => "torchvision's resnet50 ImageNet state dict",
+            BackboneKind::WideResNet50 => "torchvision's wide_resnet50_2 ImageNet state dict",
         }
     }
 
@@ -242,9 +266,13 @@ impl Backbone {
         let path = match weights {
             Some(p) => p.to_path_buf(),
             None => default_weights_path(kind).ok_or_else(|| {
+                let name = kind.name();
                 VigilError::Config(format!(
-                    "no weights found for backbone {kind} (set \"weights\" to a .safetensors or .pth file, \
-                     or VIGIL_WEIGHTS_DIR)"
+                    "no weights found for backbone {kind}: neither $VIGIL_WEIGHTS_DIR nor the shared weights \
+                     folder has {name}/{name}.safetensors or {name}.safetensors, and nothing is downloaded. \
+                     Set \"weights\" to a .safetensors or .pth state dict with PyTorch names ({}), or put it \
+                     in one of those places",
+                    kind.weights_source()
                 ))
             })?,
         };
@@ -662,6 +690,36 @@ mod tests {
         assert_eq!(backbone.layer_info("_blocks.15").unwrap(), (320, 32));
         assert_eq!(backbone.layer_info("_conv_head").unwrap(), (1280, 32));
         assert_eq!(backbone.layer_info("blocks.4").unwrap(), (40, 8));
+    }
+
+    #[test]
+    fn efficientnet_b5_layers_and_strides() {
+        let backbone = Backbone::random(BackboneKind::EfficientNetB5, 0);
+        let names = backbone.layer_names();
+        // stem, 3 + 5 + 5 + 7 + 7 + 9 + 3 blocks, head
+        assert_eq!(names.len(), 41);
+        assert_eq!((names[0].as_str(), names[40].as_str()), ("features.0", "features.8"));
+        assert_eq!(backbone.layer_info("features.1.2").unwrap(), (24, 2));
+        assert_eq!(backbone.layer_info("features.2.4").unwrap(), (40, 4));
+        assert_eq!(backbone.layer_info("features.3.4").unwrap(), (64, 8));
+        assert_eq!(backbone.layer_info("features.5.6").unwrap(), (176, 16));
+        assert_eq!(backbone.layer_info("features.6.8").unwrap(), (304, 32));
+        assert_eq!(backbone.layer_info("features.7.2").unwrap(), (512, 32));
+        assert_eq!(backbone.layer_info("features.8").unwrap(), (2048, 32));
+        assert!(backbone.layer_info("features.6.9").is_err());
+        // torchvision's parameter count for efficientnet_b5, classifier included
+        let state = Backbone::random_state(BackboneKind::EfficientNetB5, 0);
+        let parameters: usize = state
+            .names()
+            .filter(|n| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+            .map(|n| state.shape(n).unwrap().iter().product::<usize>())
+            .sum();
+        assert_eq!(parameters, 30_389_784);
+        let err = TrainableBackbone::new(BackboneKind::EfficientNetB5, "features.6.8", 0, &default_device())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("efficientnet_b5"), "{err}");
     }
 
     #[test]

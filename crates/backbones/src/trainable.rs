@@ -3,10 +3,9 @@
 //! PyTorch tensor names, so a network can be trained from scratch (an STFPM student) and a
 //! pretrained state dict loads into it unchanged.
 //!
-//! Convolutions and BatchNorm + ReLU run on vigil-nn's training kernels
-//! ([`vigil_nn::kernels`]); ReLU6 is that ReLU clamped at 6, and a batch norm without
-//! activation is burn's own. Stride-2 depthwise convolutions have no vigil kernel and take
-//! burn's operation.
+//! Convolutions and BatchNorm + ReLU / ReLU6 / no activation run on vigil-nn's training kernels
+//! ([`vigil_nn::kernels`]), the batch norm and its activation fused in one pass forward and one
+//! backward.
 //!
 //! A trained network runs inference on the fast kernels of [`Backbone`]: [`TrainableBackbone::state`]
 //! gives its tensors, [`Backbone::from_partial_state`] builds the inference network from them.
@@ -14,12 +13,12 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::activation::relu;
+use burn::tensor::activation::{relu, silu};
 use burn::tensor::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vigil_core::{Result, TensorBag, VigilError};
-use vigil_nn::kernels::{batch_norm_act, conv2d};
+use vigil_nn::kernels::{batch_norm_act, batch_norm_act_clamped, conv2d};
 use vigil_nn::{load_module, module_to_bag, tensor_from_vec};
 
 use crate::arch::{EFFICIENTNET_LITE0_BLOCKS, MOBILENET_V2_BLOCKS};
@@ -109,9 +108,11 @@ impl TrainableConvBn {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = conv2d(&self.conv, x);
         match self.spec.activation {
-            Activation::Identity => self.bn.forward(y),
+            // Slope 1: the fused kernel without an activation (burn's BatchNorm is a dozen passes).
+            Activation::Identity => batch_norm_act(&self.bn, y, 1.0),
             Activation::Relu => batch_norm_act(&self.bn, y, 0.0),
-            Activation::Relu6 => batch_norm_act(&self.bn, y, 0.0).clamp_max(6.0),
+            Activation::Relu6 => batch_norm_act_clamped(&self.bn, y, 0.0, 6.0),
+            Activation::Silu => silu(self.bn.forward(y)),
         }
     }
 }
@@ -285,13 +286,19 @@ impl Planner {
 /// EfficientNet's names, as for [`Backbone`]).
 fn plan(kind: BackboneKind, last_layer: &str) -> Result<(Vec<UnitSpec>, Vec<StagePlan>)> {
     let torchvision = |tf_same| Planner { units: Vec::new(), stages: Vec::new(), bn_eps: 1e-5, tf_same };
-    let mut p = match kind {
-        BackboneKind::EfficientNetLite0 => Planner { bn_eps: 1e-3, ..torchvision(true) },
-        _ => torchvision(false),
-    };
+    let mut p = torchvision(false);
     match kind {
         BackboneKind::MobileNetV2 => mobilenet_v2(&mut p),
-        BackboneKind::EfficientNetLite0 => efficientnet_lite0(&mut p),
+        BackboneKind::EfficientNetLite0 => {
+            p = Planner { bn_eps: 1e-3, ..torchvision(true) };
+            efficientnet_lite0(&mut p)
+        }
+        BackboneKind::EfficientNetB5 => {
+            return Err(VigilError::Config(format!(
+                "trainable {kind} is not supported (its squeeze-excitation blocks have no trainable \
+                 version); use it as a frozen Backbone"
+            )))
+        }
         BackboneKind::ResNet18 => resnet(&mut p, &[2, 2, 2, 2], None),
         BackboneKind::ResNet50 => resnet(&mut p, &[3, 4, 6, 3], Some(1)),
         BackboneKind::WideResNet50 => resnet(&mut p, &[3, 4, 6, 3], Some(2)),

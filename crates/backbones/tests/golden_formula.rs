@@ -1,10 +1,11 @@
-//! ResNet-18, ResNet-50, Wide-ResNet-50-2 and a small CaiT against torchvision and timm.
+//! ResNet-18, ResNet-50, Wide-ResNet-50-2, EfficientNet-B5 and a small CaiT against torchvision
+//! and timm.
 //!
 //! No weights are stored: both sides fill every tensor from a formula of its name, shape and
 //! element index (`tests/fixtures/golden_weights.py`, copied below), and the fixtures hold only
-//! the input and the reference activations that `make_golden_resnet.py` and
-//! `make_golden_cait.py` computed in float64 with torchvision and timm. The ResNets are checked
-//! on both engines; CaiT has only the burn one.
+//! the input and the reference activations that `make_golden_resnet.py`,
+//! `make_golden_efficientnet_b5.py` and `make_golden_cait.py` computed in float64 with torchvision
+//! and timm. The CNNs are checked on both engines; CaiT has only the burn one.
 
 use std::path::Path;
 
@@ -135,6 +136,53 @@ fn resnet50_matches_torchvision() {
 #[test]
 fn wide_resnet50_2_matches_torchvision() {
     check_resnet(BackboneKind::WideResNet50, "golden_wide_resnet50_2.safetensors", &["layer1.0.conv3"]);
+}
+
+/// `make_golden_efficientnet_b5.py`'s `damp_residual_branches`: the weight and bias of the
+/// projection batch norm (`block.3.1`, `block.2.1` in stage 1) of every residual block
+/// `features.S.B`, B >= 1, halved (exact), without which the formula network is too
+/// ill-conditioned for float32 to follow float64.
+fn damp_residual_branches(state: &TensorBag) -> TensorBag {
+    let mut damped = TensorBag::new();
+    for name in state.names() {
+        let shape = state.shape(name).unwrap().to_vec();
+        let mut values = state.f32(name, None).unwrap();
+        let parts: Vec<&str> = name.split('.').collect();
+        if let ["features", stage, block, "block", part, "1", "weight" | "bias"] = parts[..] {
+            let (stage, block, part): (usize, usize, usize) =
+                (stage.parse().unwrap(), block.parse().unwrap(), part.parse().unwrap());
+            if block >= 1 && part == if stage == 1 { 2 } else { 3 } {
+                values.iter_mut().for_each(|v| *v *= 0.5);
+            }
+        }
+        damped.put_f32(name, &shape, values);
+    }
+    damped
+}
+
+/// SiLU, squeeze-excitation, batch norm eps 1e-3 and the block names torchvision's state dict
+/// uses: two early blocks, CS-Flow's `features.6.8`, the head and the logits.
+#[test]
+fn efficientnet_b5_matches_torchvision() {
+    let kind = BackboneKind::EfficientNetB5;
+    let golden = fixture("golden_efficientnet_b5.safetensors");
+    let state = damp_residual_branches(&golden_state(&Backbone::random_state(kind, 0)));
+    let backbone = Backbone::from_state(kind, &state, &default_device()).unwrap();
+    drop(state);
+    let taps: Vec<String> = ["features.2.4", "features.3.4", "features.6.8", "features.8"]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let batch = input(&golden, [1, 3, 64, 64]);
+    for engine in [Engine::Kernels, Engine::Burn] {
+        let backbone = backbone.clone().with_engine(engine);
+        let features = backbone.extract_tensor(batch.clone(), &taps).unwrap();
+        for (tap, feature) in taps.iter().zip(features) {
+            check(&format!("{kind} {engine:?} {tap}"), feature, &golden, tap);
+        }
+        let logits = backbone.classify_tensor(batch.clone()).unwrap();
+        check(&format!("{kind} {engine:?} logits"), logits, &golden, "logits");
+    }
 }
 
 #[test]

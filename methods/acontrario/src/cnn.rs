@@ -16,11 +16,13 @@ use vigil_core::{Image, Mask, Result, VigilError};
 /// reference taps: `layer1[0].conv3` before its batch norm, residual and ReLU (256 channels,
 /// stride 4). The others take their stride-4 features closest to it: `layer1` for ResNet-18;
 /// MobileNetV2 and EfficientNet-Lite0 have only 24 channels at stride 4 per layer, fewer than
-/// the 35 components, so their two stride-4 blocks are concatenated (48 channels).
+/// the 35 components, so their two stride-4 blocks are concatenated (48 channels); EfficientNet-B5's
+/// last stride-4 block alone has 40.
 pub fn default_layers(kind: BackboneKind) -> Vec<String> {
     let names: &[&str] = match kind {
         BackboneKind::MobileNetV2 => &["features.2", "features.3"],
         BackboneKind::EfficientNetLite0 => &["_blocks.1", "_blocks.2"],
+        BackboneKind::EfficientNetB5 => &["features.2.4"],
         BackboneKind::ResNet18 => &["layer1"],
         BackboneKind::ResNet50 | BackboneKind::WideResNet50 => &["layer1.0.conv3"],
     };

@@ -67,12 +67,13 @@ impl Default for PadimSettings {
     }
 }
 
-/// Default taps: the paper's first three ResNet stages; for the mobile networks the stride-8
-/// and stride-16 blocks (their stride-4 blocks have few channels and add little).
+/// Default taps: the paper's first three ResNet stages; for MobileNetV2 and the EfficientNets
+/// the stride-8 and stride-16 blocks (their stride-4 blocks have few channels and add little).
 pub fn default_layers(kind: BackboneKind) -> Vec<String> {
     let names: &[&str] = match kind {
         BackboneKind::MobileNetV2 => &["features.6", "features.13"],
         BackboneKind::EfficientNetLite0 => &["_blocks.4", "_blocks.10"],
+        BackboneKind::EfficientNetB5 => &["features.3.4", "features.5.6"],
         BackboneKind::ResNet18 | BackboneKind::ResNet50 | BackboneKind::WideResNet50 => {
             &["layer1", "layer2", "layer3"]
         }
@@ -86,7 +87,7 @@ pub fn default_channels(kind: BackboneKind, total: usize) -> usize {
     match kind {
         BackboneKind::ResNet18 => 100,
         BackboneKind::ResNet50 | BackboneKind::WideResNet50 => 550,
-        BackboneKind::MobileNetV2 | BackboneKind::EfficientNetLite0 => total,
+        BackboneKind::MobileNetV2 | BackboneKind::EfficientNetLite0 | BackboneKind::EfficientNetB5 => total,
     }
     .min(total)
 }

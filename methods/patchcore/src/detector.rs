@@ -102,6 +102,7 @@ pub fn default_layers(kind: BackboneKind) -> Vec<String> {
     let names: &[&str] = match kind {
         BackboneKind::MobileNetV2 => &["features.6", "features.13"],
         BackboneKind::EfficientNetLite0 => &["_blocks.4", "_blocks.10"],
+        BackboneKind::EfficientNetB5 => &["features.3.4", "features.5.6"],
         BackboneKind::ResNet18 | BackboneKind::ResNet50 | BackboneKind::WideResNet50 => &["layer2", "layer3"],
     };
     names.iter().map(|s| s.to_string()).collect()

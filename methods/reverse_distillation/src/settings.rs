@@ -179,6 +179,7 @@ pub fn default_layers(kind: BackboneKind) -> Vec<String> {
     let layers: [&str; 3] = match kind {
         BackboneKind::MobileNetV2 => ["features.3", "features.6", "features.13"],
         BackboneKind::EfficientNetLite0 => ["_blocks.2", "_blocks.4", "_blocks.10"],
+        BackboneKind::EfficientNetB5 => ["features.2.4", "features.3.4", "features.5.6"],
         BackboneKind::ResNet18 | BackboneKind::ResNet50 | BackboneKind::WideResNet50 => {
             ["layer1", "layer2", "layer3"]
         }
