@@ -490,6 +490,31 @@ mod tests {
     }
 
     #[test]
+    fn paper_preset_taps_efficientnet_b5_and_names_the_weights_it_needs() {
+        use crate::settings::Preset;
+        use vigil_backbones::{default_weights_path, BackboneKind};
+        let paper = CsflowSettings::of_preset(Preset::Paper);
+        match default_weights_path(BackboneKind::EfficientNetB5) {
+            // No B5 weights are shipped: the error says what is missing and where to get it.
+            None => {
+                let error = Features::new(&paper).err().unwrap().to_string();
+                for needed in ["efficientnet_b5", "\"weights\"", "IMAGENET1K_V1", "VIGIL_WEIGHTS_DIR"] {
+                    assert!(error.contains(needed), "{needed} not in: {error}");
+                }
+            }
+            Some(_) => assert_eq!(Features::new(&paper).unwrap().shapes[0], (304, 24)),
+        }
+        // The paper's tap with random weights at 128 px: 304 channels on grids of 4, 2 and 1.
+        let settings = CsflowSettings { input_size: 128, random_weights_seed: Some(1), ..paper };
+        let features = Features::new(&settings).unwrap();
+        assert_eq!(features.shapes, [(304, 4), (304, 2), (304, 1)]);
+        let extracted = features.extract(&[texture(0, None)], &settings).unwrap();
+        let sizes: Vec<usize> = extracted[0].iter().map(Vec::len).collect();
+        assert_eq!(sizes, [304 * 16, 304 * 4, 304]);
+        assert!(extracted[0].iter().flatten().all(|v| v.is_finite()));
+    }
+
+    #[test]
     fn bad_settings_and_mismatched_masks_are_refused() {
         let zero = serde_json::json!({ "batch_size": 0 });
         assert!(CsflowDetector::load(&zero, &TensorBag::new()).is_err());

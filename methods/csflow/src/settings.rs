@@ -10,10 +10,9 @@ use vigil_core::{Result, VigilError};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
-    /// The paper's flow and training (768 px, 3 scales, 4 blocks, 1024 hidden channels, 240 epochs
-    /// in batches of 16) on the deepest EfficientNet-Lite0 block of the stage the paper taps in
-    /// EfficientNet-B5 (`_blocks.14`, stride 32, as B5's `features.6.8`), since vigil has no
-    /// EfficientNet-B5 yet.
+    /// The paper's backbone tap, flow and training: EfficientNet-B5 `features.6.8` (304 channels,
+    /// stride 32) at 768 px, 3 scales, 4 blocks, 1024 hidden channels, 240 epochs in batches of 16.
+    /// No B5 weights are shipped: `weights` must name torchvision's `efficientnet_b5` state dict.
     Paper,
     /// EfficientNet-Lite0 `_blocks.10` (stride 16) on the image at 128, 64 and 32 px, the paper's
     /// flow, 12 epochs in batches of 8 (a 26-image PIPED fit took 600 s with about a third of a
@@ -32,7 +31,8 @@ pub enum Preset {
 pub struct CsflowSettings {
     pub preset: Preset,
     pub backbone: BackboneKind,
-    /// Backbone weights; `None` looks for the shipped ones (`vigil_backbones::default_weights_path`).
+    /// Backbone weights; `None` looks for the shipped ones (`vigil_backbones::default_weights_path`;
+    /// EfficientNet-B5's are not shipped, so the paper preset needs this set).
     pub weights: Option<PathBuf>,
     /// Random backbone weights from this seed instead of pretrained ones (tests only).
     pub random_weights_seed: Option<u64>,
@@ -221,9 +221,9 @@ impl Default for CsflowSettings {
 
 impl CsflowSettings {
     pub fn of_preset(preset: Preset) -> Self {
-        let common = |layer: &str, input_size, batch_size, epochs| CsflowSettings {
+        let common = |backbone, layer: &str, input_size, batch_size, epochs| CsflowSettings {
             preset,
-            backbone: BackboneKind::EfficientNetLite0,
+            backbone,
             weights: None,
             random_weights_seed: None,
             layer: layer.into(),
@@ -245,8 +245,8 @@ impl CsflowSettings {
             checkpoint_every: 50,
         };
         match preset {
-            Preset::Paper => common("_blocks.14", 768, 16, 240),
-            Preset::Cpu => common("_blocks.10", 128, 8, 12),
+            Preset::Paper => common(BackboneKind::EfficientNetB5, "features.6.8", 768, 16, 240),
+            Preset::Cpu => common(BackboneKind::EfficientNetLite0, "_blocks.10", 128, 8, 12),
         }
     }
 
@@ -302,6 +302,7 @@ mod tests {
     fn presets_round_trip_as_overrides() {
         let paper = CsflowSettings::of_preset(Preset::Paper);
         assert_eq!((paper.input_size, paper.hidden_channels, paper.epochs), (768, 1024, 240));
+        assert_eq!((paper.backbone, paper.layer.as_str()), (BackboneKind::EfficientNetB5, "features.6.8"));
         let json = serde_json::to_value(&paper).unwrap();
         assert_eq!(json["epochs"], serde_json::Value::Null, "preset values are not repeated");
         assert_eq!(serde_json::from_value::<CsflowSettings>(json).unwrap(), paper);
