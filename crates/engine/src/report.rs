@@ -205,21 +205,36 @@ fn model_rows(model: &Model) -> Vec<(String, String)> {
     rows
 }
 
-/// A predicted region as a black-and-white PNG (white = anomalous).
+/// A predicted region as a black-and-white PNG (white = anomalous): 8-bit gray, 0 and 255, the
+/// layout of MVTec-style ground-truth masks.
 pub fn write_mask_png(path: &std::path::Path, mask: &Mask) -> Result<()> {
-    let img = image_of_mask(mask);
-    vigil_report::write_png(path, &img, true)?;
+    vigil_core::model_file::write_atomic(path, &encode_mask_png(mask)?, true)?;
     Ok(())
 }
 
 /// The bytes [`write_mask_png`] writes.
 pub fn encode_mask_png(mask: &Mask) -> Result<Vec<u8>> {
-    Ok(vigil_report::encode_png(&image_of_mask(mask))?)
+    let levels: Vec<u8> = mask.data.iter().map(|&on| if on { 255 } else { 0 }).collect();
+    Ok(vigil_report::encode_gray_png(&levels, mask.width as u32, mask.height as u32)?)
 }
 
-fn image_of_mask(mask: &Mask) -> vigil_report::RgbImage {
-    vigil_report::RgbImage::from_fn(mask.width as u32, mask.height as u32, |x, y| {
-        let v = if mask.get(y as usize, x as usize) { 255 } else { 0 };
-        [v, v, v].into()
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_png_decodes_to_the_mask() {
+        let (w, h) = (37, 23);
+        let data: Vec<bool> = (0..w * h).map(|i| (i * 7919) % 11 < 4).collect();
+        let mask = Mask::new(w, h, data.clone()).unwrap();
+        let bytes = encode_mask_png(&mask).unwrap();
+        let decoded = image::load_from_memory(&bytes).unwrap();
+        assert_eq!(decoded.color(), image::ColorType::L8);
+        let levels = decoded.to_luma8().into_raw();
+        assert_eq!(levels, data.iter().map(|&on| if on { 255 } else { 0 }).collect::<Vec<u8>>());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.png");
+        write_mask_png(&path, &mask).unwrap();
+        assert_eq!(vigil_data::io::load_mask(&path, Some((w, h)), false).unwrap().data, data);
+    }
 }

@@ -19,7 +19,7 @@ pub use html::{
 pub use image::RgbImage;
 pub use markdown::{csv_string, markdown_table, write_csv};
 pub use overlay::{
-    draw_edge, encode_png, outer_outline, outline, overlay, thumbnail, to_rgb, write_png, INVALID_COLOUR,
-    OUTLINE_COLOUR, TRUTH_COLOUR,
+    draw_edge, encode_gray_png, encode_png, outer_outline, outline, overlay, thumbnail, to_rgb, write_png,
+    INVALID_COLOUR, OUTLINE_COLOUR, TRUTH_COLOUR,
 };
 pub use pictures::{ItemPictures, Picture, View, Views, LARGE_VIEW_MAX_SIDE};

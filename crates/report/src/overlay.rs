@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use image::codecs::png::PngEncoder;
+use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::imageops::FilterType;
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
 use vigil_core::model_file::write_atomic;
@@ -189,6 +189,15 @@ pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// PNG bytes of an 8-bit gray image given as `width * height` levels, row by row.
+pub fn encode_gray_png(levels: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, PngFilter::Up)
+        .write_image(levels, width, height, ExtendedColorType::L8)
+        .map_err(|e| VigilError::invalid(format!("cannot encode PNG: {e}")))?;
+    Ok(bytes)
+}
+
 /// Writes the image as PNG atomically; an existing file is replaced only with `overwrite`.
 pub fn write_png(path: &Path, img: &RgbImage, overwrite: bool) -> Result<()> {
     let bytes = encode_png(img).map_err(|e| VigilError::file(path, e.to_string()))?;
@@ -359,6 +368,16 @@ mod tests {
                 assert_eq!(out.as_raw()[3 * i..3 * i + 3], expected, "pixel {i}, range {lo}..{hi}");
             }
         }
+    }
+
+    #[test]
+    fn png_keeps_every_pixel_of_a_textured_image() {
+        let img = RgbImage::from_fn(97, 61, |x, y| {
+            let v = (x * 7919 + y * 104_729) ^ (x * y * 31);
+            image::Rgb([v as u8, (v >> 3) as u8, (v >> 7) as u8])
+        });
+        let back = image::load_from_memory(&encode_png(&img).unwrap()).unwrap().to_rgb8();
+        assert_eq!(back, img);
     }
 
     #[test]
