@@ -183,7 +183,7 @@ mod tests {
     #[test]
     fn a_mask_of_the_wrong_shape_is_refused() {
         let device = Device::flex();
-        let sde = Sde::Vp { beta_min: 0.1, beta_max: 20.0, steps: 4 };
+        let sde = Sde::Vp { beta_min: 0.1, beta_max: 20.0, steps: 25 };
         let model = GaussianData { mean: 0.0, std: 1.0, sde };
         let data = Tensor::<4>::zeros([1, 3, 8, 8], &device);
         let mask = Tensor::<4>::ones([1, 2, 8, 8], &device);

@@ -53,14 +53,16 @@ impl Sde {
                     && beta_max.is_finite()
                     && beta_max >= beta_min
                     && steps >= 2
+                    // β_i = β/N of the discrete chain must stay below 1 (√(1 − β_i) in the predictor).
+                    && beta_max < steps as f64
             }
         };
         if ok {
             Ok(())
         } else {
             Err(VigilError::Config(format!(
-                "SDE {self:?}: need 0 < sigma_min < sigma_max (VE) or 0 < beta_min <= beta_max (VP), and at \
-                 least 2 steps"
+                "SDE {self:?}: need 0 < sigma_min < sigma_max (VE) or 0 < beta_min <= beta_max < steps \
+                 (VP), and at least 2 steps"
             )))
         }
     }
@@ -271,5 +273,6 @@ mod tests {
         assert!((ve.discretize(0.0).1 - 0.01).abs() < 1e-12);
         assert!(Sde::Ve { sigma_min: 1.0, sigma_max: 0.5, steps: 10 }.validate().is_err());
         assert!(Sde::Vp { beta_min: 0.1, beta_max: 20.0, steps: 1 }.validate().is_err());
+        assert!(Sde::Vp { beta_min: 0.1, beta_max: 20.0, steps: 20 }.validate().is_err());
     }
 }

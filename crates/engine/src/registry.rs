@@ -160,6 +160,32 @@ impl Method for vigil_ddad::DdadDetector {
     }
 }
 
+impl Method for vigil_rifa::RifaDetector {
+    type Settings = vigil_rifa::RifaSpec;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings.0)
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        settings.complete()
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
+impl Method for vigil_dad::DadDetector {
+    type Settings = vigil_dad::DadSpec;
+    fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
+        Self::new(settings.0)
+    }
+    fn resolved_settings(settings: &Self::Settings) -> Value {
+        settings.complete()
+    }
+    fn load(settings: &Value, state: &TensorBag) -> vigil_core::Result<Self> {
+        Self::load(settings, state)
+    }
+}
+
 impl Method for vigil_mae::MaeDetector {
     type Settings = vigil_mae::MaeSettings;
     fn build(settings: Self::Settings) -> vigil_core::Result<Self> {
@@ -300,6 +326,24 @@ pub fn registry() -> Vec<MethodEntry> {
              DDIM steps pulled toward itself (weight w); map = feature distance + rescaled pixel distance, \
              smoothed, score = max. Default: the CPU preset (64 px U-Net, 600 steps, MobileNetV2 features); \
              `preset=paper` is the published one (256 px, Wide-ResNet-50-2). No domain adaptation yet.",
+            Default::default(),
+        ),
+        entry::<vigil_rifa::RifaDetector>(
+            "rifa",
+            "RIFA (thesis 7.10): a score-based diffusion model of the normal images inpaints K random masks \
+             hiding 75% of the image; map = mean over the masks of the per-pixel distance between inpainting and \
+             image, smoothed; second stage: inpaint where that map exceeds (min+max)/2 and measure again; score = \
+             max. Default: the CPU preset (64 px U-Net, VP SDE, 50 predictor-corrector steps, K = 4); \
+             `preset=paper` is VE at 256 px, K = 16 (the thesis' Stable Diffusion inpainter is not available).",
+            Default::default(),
+        ),
+        entry::<vigil_dad::DadDetector>(
+            "dad",
+            "DAD (thesis 7.6-7.8): a score-based diffusion model of the normal images maps the image through the \
+             probability-flow ODE to its latent; stage 1 = NLM-denoised latent norm and an a contrario detection \
+             in noise (log10 NFA < 3, closing, median, dilation); stage 2 = distance between the image and its \
+             inpainting over the detected region (`stage=likelihood` reports stage 1). Default: the CPU preset \
+             (64 px U-Net, VP SDE, Heun ODE 50 steps); `preset=paper` is VE at 256 px with RK45 1e-5.",
             Default::default(),
         ),
         entry::<vigil_mae::MaeDetector>(

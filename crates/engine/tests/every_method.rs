@@ -40,6 +40,8 @@ fn small_settings(name: &str) -> Option<&'static str> {
         "reverse_distillation" => "random_weights_seed=1,input_size=32,epochs=1,batch_size=4",
         "draem" | "draem-unetpp" => "steps=2,image_size=32,batch=2",
         "ddad" => "random_weights_seed=1,steps=2,batch=2,t_start=50,skip=25",
+        "rifa" => "steps=2,batch=2,warmup=1,sde_steps=21,realizations=2,patch_size=16",
+        "dad" => r#"steps=2,batch=2,warmup=1,sde_steps=21,nlm_patch_distance=3,ode={"kind":"heun","steps":2}"#,
         "mae" => "input_size=32,patch_size=8,embed_dim=32,depth=1,num_heads=2,decoder_embed_dim=16,decoder_depth=1,decoder_num_heads=2,epochs=2,batch_size=4,ssim_window=7",
         "uflow" => {
             vigil_core::shared_data::shared_path("weights/mobilenet_v2")?;
