@@ -37,7 +37,7 @@ pub(crate) struct ConvGeometry {
     pub pad_begin: [isize; 2],
     pub out_h: usize,
     pub out_w: usize,
-    /// One filter per channel (groups = in_channels = out_channels), stride 1, no dilation:
+    /// One filter per channel (groups = in_channels = out_channels), no dilation:
     /// run by [`super::depthwise`].
     pub depthwise: bool,
 }
@@ -480,6 +480,9 @@ mod tests {
             // depthwise: SSIM's 11x11 blur, and a 3x3 one with one-sided padding
             depthwise(geometry((2, 3, 16, 13), (3, [11, 11]), [1, 1], [5, 5], [1, 1])),
             depthwise(geometry((1, 2, 7, 9), (2, [3, 3]), [1, 1], [0, 2], [1, 1])),
+            // depthwise at stride 2 (MobileNetV2's down-sampling blocks), odd and even sizes
+            depthwise(geometry((2, 3, 11, 10), (3, [3, 3]), [2, 2], [1, 1], [1, 1])),
+            depthwise(geometry((1, 2, 40, 37), (2, [3, 3]), [2, 2], [1, 1], [1, 1])),
             // more than 128 pixels: several forward bands
             geometry((2, 3, 40, 37), (5, [3, 3]), [1, 1], [1, 1], [1, 1]),
         ]
@@ -524,7 +527,8 @@ mod tests {
     fn results_do_not_depend_on_the_thread_count() {
         let dense = geometry((3, 6, 33, 29), (7, [3, 3]), [1, 1], [1, 1], [1, 1]);
         let blur = depthwise(geometry((3, 4, 33, 29), (4, [11, 11]), [1, 1], [5, 5], [1, 1]));
-        for g in [dense, blur] {
+        let strided = depthwise(geometry((3, 4, 33, 29), (4, [3, 3]), [2, 2], [1, 1], [1, 1]));
+        for g in [dense, blur, strided] {
             let x = values(g.batch * g.in_channels * g.in_pixels(), 7);
             let w = values(g.out_channels * g.depth(), 8);
             let grad = values(g.batch * g.out_channels * g.out_pixels(), 9);

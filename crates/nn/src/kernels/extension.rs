@@ -18,7 +18,7 @@ use burn::tensor::{DType, TensorData};
 use super::conv::{self, ConvGeometry};
 use super::conv_transpose::{self, TransposedShape};
 use super::group_norm::{self, GroupMoments, GroupShape};
-use super::norm::{self, BatchMoments, NormShape};
+use super::norm::{self, Act, BatchMoments, NormShape};
 use super::{resample, softmax};
 
 /// Operations with a faster CPU implementation than the backend's own.
@@ -41,14 +41,15 @@ pub trait TrainingKernels: Backend {
         options: ConvOptions<2>,
     ) -> FloatTensor<Self>;
 
-    /// BatchNorm in training mode followed by `x > 0 ? x : slope·x` (ReLU for slope 0):
-    /// output, batch mean and biased batch variance (the last two per channel, untracked).
+    /// BatchNorm in training mode followed by `x > 0 ? min(x, max) : slope·x` (ReLU for slope 0
+    /// and max ∞, ReLU6 for max 6, no activation for slope 1 and max ∞): output, batch mean and
+    /// biased batch variance (the last two per channel, untracked).
     fn fast_batch_norm_act(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
-        slope: f64,
+        activation: (f64, f64),
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// The same as burn's `conv_transpose2d` (NCHW input, `[in, out / groups, kh, kw]`
@@ -91,7 +92,7 @@ pub trait TrainingKernels: Backend {
 }
 
 /// The shapes of a convolution the kernels handle: f32, and one group or one filter per channel
-/// at stride 1 without dilation. `None` sends it to burn-flex's own operations.
+/// without dilation. `None` sends it to burn-flex's own operations.
 fn geometry(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> Option<ConvGeometry> {
     if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         return None;
@@ -101,7 +102,6 @@ fn geometry(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> Op
         && options.groups == xs[1]
         && options.groups == ws[0]
         && ws[1] == 1
-        && options.stride == [1, 1]
         && options.dilation == [1, 1];
     if options.groups != 1 && !depthwise {
         return None;
@@ -157,11 +157,18 @@ fn norm_shape(x: &FlexTensor) -> Option<NormShape> {
 }
 
 /// The element-wise activation [`TrainingKernels::fast_batch_norm_act`] applies, by burn.
-fn burn_activation<B: Backend>(x: FloatTensor<B>, slope: f64) -> FloatTensor<B> {
-    if slope == 0.0 {
+fn burn_activation<B: Backend>(x: FloatTensor<B>, (slope, max): (f64, f64)) -> FloatTensor<B> {
+    let x = if slope == 0.0 {
         B::relu(x)
+    } else if slope == 1.0 {
+        x
     } else {
         B::leaky_relu(x, slope.into())
+    };
+    if max.is_finite() {
+        B::float_clamp_max(x, max.into())
+    } else {
+        x
     }
 }
 
@@ -296,16 +303,16 @@ impl TrainingKernels for Flex {
         gamma: FlexTensor,
         beta: FlexTensor,
         epsilon: f64,
-        slope: f64,
+        activation: (f64, f64),
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let Some(s) = norm_shape(&x) else {
             let result = Flex::batch_norm_train(x, gamma, beta, epsilon);
-            return (burn_activation::<Flex>(result.output, slope), result.mean, result.variance);
+            return (burn_activation::<Flex>(result.output, activation), result.mean, result.variance);
         };
         let shape = x.shape();
         let (x, gamma, beta) = (values(&x), values(&gamma), values(&beta));
         let (out, mean, variance) =
-            norm::forward(&s, slice(&x), slice(&gamma), slice(&beta), epsilon, slope as f32);
+            norm::forward(&s, slice(&x), slice(&gamma), slice(&beta), epsilon, act(activation));
         (FlexTensor::from_data(TensorData::new(out, shape)), vector(mean), vector(variance))
     }
 
@@ -513,18 +520,23 @@ impl Backward<Flex, 1> for AvgPool2 {
     }
 }
 
+/// The kernels' activation of a (slope, max) pair.
+fn act((slope, max): (f64, f64)) -> Act {
+    Act { slope: slope as f32, max: max as f32 }
+}
+
 /// Backward of the fused BatchNorm + activation: parents input, gamma, beta.
 #[derive(Debug)]
 struct BatchNormAct;
 
 impl Backward<Flex, 3> for BatchNormAct {
-    /// Input, gamma, beta, batch mean and variance, epsilon, slope.
-    type State = (NodeId, NodeId, NodeId, FlexTensor, FlexTensor, f64, f64);
+    /// Input, gamma, beta, batch mean and variance, epsilon, (slope, max).
+    type State = (NodeId, NodeId, NodeId, FlexTensor, FlexTensor, f64, (f64, f64));
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let grad = values(&grads.consume::<Flex>(&ops.node));
-        let (x, gamma, beta, mean, variance, epsilon, slope) = ops.state;
+        let (x, gamma, beta, mean, variance, epsilon, activation) = ops.state;
         let x = values(&checkpointer.retrieve_node_output::<FlexTensor>(x));
         let gamma = values(&checkpointer.retrieve_node_output::<FlexTensor>(gamma));
         let beta = values(&checkpointer.retrieve_node_output::<FlexTensor>(beta));
@@ -536,7 +548,7 @@ impl Backward<Flex, 3> for BatchNormAct {
             (slice(&gamma), slice(&beta)),
             moments,
             epsilon,
-            slope as f32,
+            act(activation),
             slice(&grad),
         );
         let dx = FlexTensor::from_data(TensorData::new(dx, x.shape()));
@@ -690,11 +702,11 @@ impl<C: CheckpointStrategy> TrainingKernels for Autodiff<Flex, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
-        slope: f64,
+        activation: (f64, f64),
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         if norm_shape(x.primitive()).is_none() {
             let result = Self::batch_norm_train(x, gamma, beta, epsilon);
-            return (burn_activation::<Self>(result.output, slope), result.mean, result.variance);
+            return (burn_activation::<Self>(result.output, activation), result.mean, result.variance);
         }
         let untracked = |statistic: FlexTensor| <Self as AutodiffBackend>::from_inner(statistic);
         match BatchNormAct.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
@@ -705,9 +717,10 @@ impl<C: CheckpointStrategy> TrainingKernels for Autodiff<Flex, C> {
                     gamma.into_primitive(),
                     beta.into_primitive(),
                     epsilon,
-                    slope,
+                    activation,
                 );
-                let state = (inputs.0, inputs.1, inputs.2, mean.clone(), variance.clone(), epsilon, slope);
+                let state =
+                    (inputs.0, inputs.1, inputs.2, mean.clone(), variance.clone(), epsilon, activation);
                 (prep.finish(state, out), untracked(mean), untracked(variance))
             }
             OpsKind::UnTracked(prep) => {
@@ -716,7 +729,7 @@ impl<C: CheckpointStrategy> TrainingKernels for Autodiff<Flex, C> {
                     gamma.into_primitive(),
                     beta.into_primitive(),
                     epsilon,
-                    slope,
+                    activation,
                 );
                 (prep.finish(out), untracked(mean), untracked(variance))
             }

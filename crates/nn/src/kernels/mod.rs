@@ -133,7 +133,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// burn's `module::conv2d(x, weight, bias, options)`, by vigil's kernels where they apply: one
-/// group, or one filter per channel at stride 1 without dilation (other convolutions, other
+/// group, or one filter per channel without dilation (other convolutions, other
 /// backends and float types take burn's operation).
 pub fn conv2d_with(
     x: Tensor<4>,
@@ -153,14 +153,27 @@ pub fn conv2d_with(
     })
 }
 
-/// `relu(bn.forward(x))` for `slope` 0, else `leaky_relu(bn.forward(x), slope)`; in training
-/// mode (an autodiff device and a trainable layer) by one fused vigil kernel, with the running
-/// statistics updated as burn's `BatchNorm` does.
+/// `relu(bn.forward(x))` for `slope` 0, else `leaky_relu(bn.forward(x), slope)` (`bn.forward(x)`
+/// for slope 1); in training mode (an autodiff device and a trainable layer) by one fused vigil
+/// kernel, with the running statistics updated as burn's `BatchNorm` does.
 pub fn batch_norm_act(bn: &BatchNorm, x: Tensor<4>, slope: f64) -> Tensor<4> {
+    batch_norm_act_clamped(bn, x, slope, f64::INFINITY)
+}
+
+/// [`batch_norm_act`] with the positive side clamped at `max` (ReLU6: slope 0, max 6), in one
+/// fused kernel where it applies; above `max` the gradient is 0, as PyTorch's ReLU6 has it.
+pub fn batch_norm_act_clamped(bn: &BatchNorm, x: Tensor<4>, slope: f64, max: f64) -> Tensor<4> {
     let training = x.device().is_autodiff() && bn.training.is_enabled();
     if !training || !vigil_kernels_take(&x) {
         let y = bn.forward(x);
-        return if slope == 0.0 { relu(y) } else { leaky_relu(y, slope) };
+        let y = if slope == 0.0 {
+            relu(y)
+        } else if slope == 1.0 {
+            y
+        } else {
+            leaky_relu(y, slope)
+        };
+        return if max.is_finite() { y.clamp_max(max) } else { y };
     }
     let device = x.device();
     let (out, mean, variance) = <Dispatch as TrainingKernels>::fast_batch_norm_act(
@@ -168,7 +181,7 @@ pub fn batch_norm_act(bn: &BatchNorm, x: Tensor<4>, slope: f64) -> Tensor<4> {
         bn.gamma.val().into_dispatch(),
         bn.beta.val().into_dispatch(),
         bn.epsilon,
-        slope,
+        (slope, max),
     );
     let (mean, variance) = (Tensor::<1>::from_dispatch(mean), Tensor::<1>::from_dispatch(variance));
     let momentum = bn.momentum;
@@ -382,6 +395,9 @@ mod tests {
             ([6, 8, 1], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [2, 6, 37, 41]),
             // depthwise (groups = channels)
             ([4, 4, 4], [5, 5], [1, 1], PaddingConfig2d::Explicit(2, 2, 2, 2), true, [2, 4, 9, 12]),
+            // depthwise at stride 2, as MobileNetV2 down-samples
+            ([6, 6, 6], [3, 3], [2, 2], PaddingConfig2d::Explicit(1, 1, 1, 1), false, [2, 6, 15, 12]),
+            ([8, 8, 8], [3, 3], [2, 2], PaddingConfig2d::Explicit(1, 1, 1, 1), false, [2, 8, 32, 33]),
             // grouped: burn's operation (vigil's kernels take one group or depthwise only)
             ([4, 6, 2], [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1), true, [1, 4, 6, 7]),
         ];
@@ -471,9 +487,16 @@ mod tests {
     #[test]
     fn batch_norm_act_matches_burn() {
         let device = Device::flex().autodiff();
-        for (slope, shape) in
-            [(0.0, [3, 4, 7, 5]), (0.2, [2, 3, 9, 11]), (0.0, [4, 2, 1, 1]), (0.0, [2, 4, 32, 32])]
-        {
+        // (slope, max): ReLU, leaky ReLU, ReLU6-like clamped where values reach it, no activation.
+        let inf = f64::INFINITY;
+        for ((slope, max), shape) in [
+            ((0.0, inf), [3, 4, 7, 5]),
+            ((0.2, inf), [2, 3, 9, 11]),
+            ((0.0, inf), [4, 2, 1, 1]),
+            ((0.0, inf), [2, 4, 32, 32]),
+            ((0.0, 0.6), [2, 3, 9, 11]),
+            ((1.0, inf), [2, 4, 32, 32]),
+        ] {
             let channels = shape[1];
             let run = |choice: KernelChoice| {
                 let mut bn = burn::nn::BatchNormConfig::new(channels).init(&device);
@@ -487,7 +510,7 @@ mod tests {
                 for step in 0..2u32 {
                     let x = tensor_from_vec(values(shape.iter().product(), 23 + step), shape, &device)
                         .require_grad();
-                    let out = with_kernels(choice, || batch_norm_act(&bn, x.clone(), slope));
+                    let out = with_kernels(choice, || batch_norm_act_clamped(&bn, x.clone(), slope, max));
                     let r = tensor_from_vec(values(shape.iter().product(), 25 + step), shape, &device);
                     let grads = (out.clone() * r).sum().backward();
                     results.push(vec![
@@ -512,7 +535,7 @@ mod tests {
             ];
             for (step, (v, b)) in vigil.iter().zip(&burn).enumerate() {
                 for ((v, b), name) in v.iter().zip(b).zip(names) {
-                    assert_close(v, b, &format!("{name} step {step} slope {slope} {shape:?}"));
+                    assert_close(v, b, &format!("{name} step {step} slope {slope} max {max} {shape:?}"));
                 }
             }
         }

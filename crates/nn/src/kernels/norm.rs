@@ -1,4 +1,5 @@
-//! BatchNorm in training mode fused with a (leaky) ReLU, NCHW f32, forward and backward.
+//! BatchNorm in training mode fused with a (leaky) ReLU, optionally clamped above (ReLU6), NCHW
+//! f32, forward and backward. Slope 1 without a clamp is the plain BatchNorm.
 //!
 //! burn computes the batch statistics, the normalisation, the activation and their gradients
 //! as a dozen separate element-wise passes; here the forward is three passes over each channel
@@ -37,15 +38,37 @@ impl NormShape {
     }
 }
 
-/// `x·scale + shift`, then the activation: identity for positive values, `slope·z` otherwise
-/// (0 for ReLU).
+/// The activation of `z = x·scale + shift`: `min(z, max)` for positive values, `slope·z`
+/// otherwise (ReLU: slope 0, max ∞; ReLU6: slope 0, max 6; identity: slope 1, max ∞).
 #[inline(always)]
-fn activate(z: f32, slope: f32) -> f32 {
+fn activate(z: f32, slope: f32, max: f32) -> f32 {
     if z > 0.0 {
-        z
+        z.min(max)
     } else {
         z * slope
     }
+}
+
+/// The activation's derivative applied to `g`: `g` on (0, max), 0 at or above `max` (as
+/// PyTorch's ReLU6), `slope·g` at or below 0.
+#[inline(always)]
+fn activation_grad(z: f32, g: f32, slope: f32, max: f32) -> f32 {
+    if z > 0.0 {
+        if z < max {
+            g
+        } else {
+            0.0
+        }
+    } else {
+        g * slope
+    }
+}
+
+/// The activation after the normalisation: negative slope and upper clamp (see [`activate`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Act {
+    pub slope: f32,
+    pub max: f32,
 }
 
 /// Lanes of the per-plane sums: one AVX-512 register. Both dispatch paths run the same
@@ -53,29 +76,29 @@ fn activate(z: f32, slope: f32) -> f32 {
 const LANES: usize = 16;
 
 vigil_core::simd_dispatch! {
-    fn normalise_plane(plane: &[f32], out: &mut [f32], scale_shift: (f32, f32), slope: f32);
-    fast = normalise_plane_generic(plane, out, scale_shift, slope);
-    portable = normalise_plane_generic(plane, out, scale_shift, slope);
+    fn normalise_plane(plane: &[f32], out: &mut [f32], scale_shift: (f32, f32), act: Act);
+    fast = normalise_plane_generic(plane, out, scale_shift, act);
+    portable = normalise_plane_generic(plane, out, scale_shift, act);
 }
 
 #[inline(always)]
-fn normalise_plane_generic(plane: &[f32], out: &mut [f32], (scale, shift): (f32, f32), slope: f32) {
-    out.iter_mut().zip(plane).for_each(|(o, v)| *o = activate(v * scale + shift, slope));
+fn normalise_plane_generic(plane: &[f32], out: &mut [f32], (scale, shift): (f32, f32), act: Act) {
+    out.iter_mut().zip(plane).for_each(|(o, v)| *o = activate(v * scale + shift, act.slope, act.max));
 }
 
 vigil_core::simd_dispatch! {
     /// Sums over one plane of the gradient before the activation, and of it times the
     /// normalised input.
-    fn gradient_sums(plane: &[f32], grads: &[f32], st: &ChannelStats, slope: f32) -> (f32, f32);
-    fast = gradient_sums_generic(plane, grads, st, slope);
-    portable = gradient_sums_generic(plane, grads, st, slope);
+    fn gradient_sums(plane: &[f32], grads: &[f32], st: &ChannelStats, act: Act) -> (f32, f32);
+    fast = gradient_sums_generic(plane, grads, st, act);
+    portable = gradient_sums_generic(plane, grads, st, act);
 }
 
 #[inline(always)]
-fn gradient_sums_generic(plane: &[f32], grads: &[f32], st: &ChannelStats, slope: f32) -> (f32, f32) {
+fn gradient_sums_generic(plane: &[f32], grads: &[f32], st: &ChannelStats, act: Act) -> (f32, f32) {
     let (mut sum, mut sum_normalised) = ([0.0f32; LANES], [0.0f32; LANES]);
     let mut add = |lane: usize, v: f32, g: f32| {
-        let gz = if v * st.scale + st.shift > 0.0 { g } else { g * slope };
+        let gz = activation_grad(v * st.scale + st.shift, g, act.slope, act.max);
         sum[lane] += gz;
         sum_normalised[lane] += gz * ((v - st.mean) * st.inv_std);
     };
@@ -100,10 +123,10 @@ vigil_core::simd_dispatch! {
         out: &mut [f32],
         stats_gamma: (&ChannelStats, f32),
         means: (f32, f32),
-        slope: f32,
+        act: Act,
     );
-    fast = input_gradient_plane_generic(plane, grads, out, stats_gamma, means, slope);
-    portable = input_gradient_plane_generic(plane, grads, out, stats_gamma, means, slope);
+    fast = input_gradient_plane_generic(plane, grads, out, stats_gamma, means, act);
+    portable = input_gradient_plane_generic(plane, grads, out, stats_gamma, means, act);
 }
 
 #[inline(always)]
@@ -113,11 +136,11 @@ fn input_gradient_plane_generic(
     out: &mut [f32],
     (st, gamma): (&ChannelStats, f32),
     (mean_grad, mean_normalised_grad): (f32, f32),
-    slope: f32,
+    act: Act,
 ) {
     let factor = gamma * st.inv_std;
     for ((d, &v), &g) in out.iter_mut().zip(plane).zip(grads) {
-        let gz = if v * st.scale + st.shift > 0.0 { g } else { g * slope };
+        let gz = activation_grad(v * st.scale + st.shift, g, act.slope, act.max);
         let normalised = (v - st.mean) * st.inv_std;
         *d = factor * (gz - mean_grad - normalised * mean_normalised_grad);
     }
@@ -174,7 +197,7 @@ pub(crate) fn forward(
     gamma: &[f32],
     beta: &[f32],
     epsilon: f64,
-    slope: f32,
+    act: Act,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), s.len(), "batch norm input size");
     let mut out = vec![0.0f32; s.len()];
@@ -193,7 +216,7 @@ pub(crate) fn forward(
                         s.pixels,
                     )
                 };
-                normalise_plane(plane, dst, (st.scale, st.shift), slope);
+                normalise_plane(plane, dst, (st.scale, st.shift), act);
             }
             (mean as f32, variance as f32)
         })
@@ -215,7 +238,7 @@ pub(crate) fn backward(
     (gamma, beta): (&[f32], &[f32]),
     moments: BatchMoments,
     epsilon: f64,
-    slope: f32,
+    act: Act,
     grad: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(grad.len(), s.len(), "batch norm output gradient size");
@@ -229,7 +252,7 @@ pub(crate) fn backward(
             let st = ChannelStats::new(mean, variance, gamma[c], beta[c], epsilon);
             let (mut beta_grad, mut gamma_grad) = (0.0f64, 0.0f64);
             for (plane, grads) in s.planes(x, c).zip(s.planes(grad, c)) {
-                let (sum, sum_normalised) = gradient_sums(plane, grads, &st, slope);
+                let (sum, sum_normalised) = gradient_sums(plane, grads, &st, act);
                 beta_grad += f64::from(sum);
                 gamma_grad += f64::from(sum_normalised);
             }
@@ -244,7 +267,7 @@ pub(crate) fn backward(
                         s.pixels,
                     )
                 };
-                input_gradient_plane(plane, grads, dst, (&st, gamma[c]), means, slope);
+                input_gradient_plane(plane, grads, dst, (&st, gamma[c]), means, act);
             }
             (gamma_grad, beta_grad)
         })
@@ -264,7 +287,8 @@ mod tests {
     }
 
     /// The loss sum(out · r) in f64, straight from the definitions.
-    fn loss(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], slope: f64, r: &[f32]) -> f64 {
+    fn loss(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], act: Act, r: &[f32]) -> f64 {
+        let (slope, max) = (f64::from(act.slope), f64::from(act.max));
         let mut total = 0.0;
         for c in 0..s.channels {
             let plane = |n: usize| (n * s.channels + c) * s.pixels;
@@ -276,7 +300,7 @@ mod tests {
                 for p in 0..s.pixels {
                     let z = (f64::from(x[plane(n) + p]) - mean) / (var + 1e-5).sqrt() * f64::from(gamma[c])
                         + f64::from(beta[c]);
-                    let a = if z > 0.0 { z } else { z * slope };
+                    let a = if z > 0.0 { z.min(max) } else { z * slope };
                     total += a * f64::from(r[plane(n) + p]);
                 }
             }
@@ -286,18 +310,24 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        for slope in [0.0f32, 0.2] {
+        // ReLU, leaky ReLU, ReLU6-like (clamped at 0.5, so that values reach it) and identity.
+        for (slope, max) in [(0.0f32, f32::INFINITY), (0.2, f32::INFINITY), (0.0, 0.5), (1.0, f32::INFINITY)]
+        {
+            let act = Act { slope, max };
             let s = NormShape { batch: 3, channels: 2, pixels: 13 };
             let x = values(s.len(), 1);
             let (gamma, beta) = (vec![0.7, -1.3], vec![0.1, 0.4]);
             let r = values(s.len(), 2);
-            let (_, mean, variance) = forward(&s, &x, &gamma, &beta, 1e-5, slope);
+            let (out, mean, variance) = forward(&s, &x, &gamma, &beta, 1e-5, act);
+            assert!(out.iter().all(|&v| v <= max));
+            if max.is_finite() {
+                assert!(out.contains(&max), "the clamp is reached");
+            }
             let moments = BatchMoments { mean: &mean, variance: &variance };
-            let (dx, dgamma, dbeta) = backward(&s, &x, (&gamma, &beta), moments, 1e-5, slope, &r);
+            let (dx, dgamma, dbeta) = backward(&s, &x, (&gamma, &beta), moments, 1e-5, act, &r);
             let h = 1e-3f32;
             let quotient = |plus: f64, minus: f64| (plus - minus) / (2.0 * f64::from(h));
-            let loss =
-                |x: &[f32], gamma: &[f32], beta: &[f32]| loss(&s, x, gamma, beta, f64::from(slope), &r);
+            let loss = |x: &[f32], gamma: &[f32], beta: &[f32]| loss(&s, x, gamma, beta, act, &r);
             for i in 0..x.len() {
                 let (mut up, mut down) = (x.clone(), x.clone());
                 up[i] += h;
@@ -325,7 +355,8 @@ mod tests {
         let s = NormShape { batch: 2, channels: 3, pixels: 21 };
         let x = values(s.len(), 3);
         let (gamma, beta) = (vec![1.0, 2.0, 0.5], vec![0.0, -0.5, 0.3]);
-        let (out, mean, variance) = forward(&s, &x, &gamma, &beta, 1e-5, 0.2);
+        let act = Act { slope: 0.2, max: f32::INFINITY };
+        let (out, mean, variance) = forward(&s, &x, &gamma, &beta, 1e-5, act);
         for c in 0..3 {
             let all: Vec<f64> = s.planes(&x, c).flatten().map(|&v| f64::from(v)).collect();
             let m = all.iter().sum::<f64>() / all.len() as f64;
