@@ -57,7 +57,9 @@ impl DadDetector {
     }
 
     pub fn load(settings: &serde_json::Value, state: &TensorBag) -> Result<Self> {
-        let settings: DadSettings = serde_json::from_value(settings.clone())
+        // Complete settings, or a preset with overrides (nulls take the preset's values).
+        let settings: DadSettings = serde_json::from_value::<crate::DadSpec>(settings.clone())
+            .map(|spec| spec.0)
             .map_err(|e| VigilError::Model(format!("DAD settings in the model file: {e}")))?;
         let mut detector = Self::new(settings)?;
         let mut unet_state = TensorBag::new();

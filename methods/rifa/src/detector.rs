@@ -54,7 +54,9 @@ impl RifaDetector {
 
     /// Rebuild a trained detector from its saved settings and state.
     pub fn load(settings: &serde_json::Value, state: &TensorBag) -> Result<Self> {
-        let settings: RifaSettings = serde_json::from_value(settings.clone())
+        // Complete settings, or a preset with overrides (nulls take the preset's values).
+        let settings: RifaSettings = serde_json::from_value::<crate::RifaSpec>(settings.clone())
+            .map(|spec| spec.0)
             .map_err(|e| VigilError::Model(format!("RIFA settings in the model file: {e}")))?;
         let mut detector = Self::new(settings)?;
         let mut unet_state = TensorBag::new();
