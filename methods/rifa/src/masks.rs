@@ -44,10 +44,17 @@ pub fn draw_masks(
         }
         MaskLayout::Balanced => {
             let count = ((ratio * realizations as f64).round() as usize).min(realizations);
-            for cell in 0..cells {
-                let mut order: Vec<usize> = (0..realizations).collect();
-                order.shuffle(rng);
-                for &k in &order[..count] {
+            // Per cell, in cell order, the realizations that hide it.
+            let hiding: Vec<Vec<usize>> = (0..cells)
+                .map(|_| {
+                    let mut order: Vec<usize> = (0..realizations).collect();
+                    order.shuffle(rng);
+                    order.truncate(count);
+                    order
+                })
+                .collect();
+            for (cell, realizations_hiding) in hiding.iter().enumerate() {
+                for &k in realizations_hiding {
                     hidden[k][cell] = true;
                 }
             }
